@@ -1,0 +1,1 @@
+"""cleansepsis: offline RL for sepsis treatment. Research use only."""

@@ -1,0 +1,317 @@
+"""The one replay format every algorithm reads: a parquet file, one row per transition.
+
+Columns (required):
+    episode_id  int64     one ICU stay (or one simulated episode)
+    t           int32     step within the episode, 0-based
+    obs         float32[obs_dim]  state before the action
+    action      int32     0..n_actions-1, encoded `5 * fluid_level + vaso_level` (ICU-Sepsis order)
+    reward      float32
+    next_obs    float32[obs_dim]
+    terminated  bool      the episode ended in a terminal state (death or survival)
+    truncated   bool      the episode was cut (time limit, end of data window)
+    split       str       "train", "val" or "test", fixed per episode
+Columns (optional, where known):
+    state_index, next_state_index   int32   tabular state (ICU-Sepsis)
+    behavior_prob                   float32 probability of the logged action under the logging policy
+    action_mask, next_action_mask   bool[n_actions]  admissible actions in obs / next_obs
+Any other column is kept and returned in `Replay.extras` (for example raw doses or MAP on MIMIC-IV).
+
+File metadata: key `cleansepsis` holds JSON with the schema version, obs_dim, n_actions, action encoding,
+feature names, normalisation statistics, source, env id, reward definition, the arguments that made it
+and a content hash of the columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+import polars as pl
+
+from cleansepsis.io import atomic_file
+
+SCHEMA_VERSION = 1
+METADATA_KEY = "cleansepsis"
+ACTION_ENCODING = "5*fluid+vaso"
+SPLITS = ("train", "val", "test")
+REQUIRED_COLUMNS = ("episode_id", "t", "obs", "action", "reward", "next_obs", "terminated", "truncated", "split")
+OPTIONAL_COLUMNS = ("state_index", "next_state_index", "behavior_prob", "action_mask", "next_action_mask")
+REQUIRED_METADATA = (
+    "schema_version",
+    "obs_dim",
+    "n_actions",
+    "action_encoding",
+    "feature_names",
+    "normalisation",
+    "source",
+    "env_id",
+    "reward",
+    "args",
+)
+
+
+class ReplayError(ValueError):
+    """A replay file that cannot be used; the message names the file and the problem."""
+
+
+class Transitions(eqx.Module):
+    """Device arrays of a replay, one leading axis of transitions. Unknown optional fields are filled
+    (state index -1, behaviour prob NaN, masks all True) and flagged in `Replay.has`."""
+
+    obs: jnp.ndarray  # (N, obs_dim) float32
+    action: jnp.ndarray  # (N,) int32
+    reward: jnp.ndarray  # (N,) float32
+    next_obs: jnp.ndarray  # (N, obs_dim) float32
+    terminated: jnp.ndarray  # (N,) bool
+    truncated: jnp.ndarray  # (N,) bool
+    episode_id: jnp.ndarray  # (N,) int32, renumbered 0..E-1 in file order
+    t: jnp.ndarray  # (N,) int32
+    split: jnp.ndarray  # (N,) int8: 0 train, 1 val, 2 test
+    state_index: jnp.ndarray  # (N,) int32
+    next_state_index: jnp.ndarray  # (N,) int32
+    behavior_prob: jnp.ndarray  # (N,) float32
+    action_mask: jnp.ndarray  # (N, n_actions) bool
+    next_action_mask: jnp.ndarray  # (N, n_actions) bool
+
+    @property
+    def size(self) -> int:
+        return int(self.action.shape[0])
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A validated replay: device arrays, the file's metadata, and which optional columns it had."""
+
+    path: Path
+    data: Transitions
+    meta: dict[str, Any]
+    has: dict[str, bool]
+    episode_ids: np.ndarray  # original episode ids, indexed by the renumbered `data.episode_id`
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.meta["obs_dim"])
+
+    @property
+    def n_actions(self) -> int:
+        return int(self.meta["n_actions"])
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.meta["content_hash"])
+
+    def split(self, name: str) -> Transitions:
+        """The transitions of one split ("train", "val" or "test"), as device arrays."""
+        if name not in SPLITS:
+            raise ReplayError(f"{self.path}: unknown split {name!r}; expected one of {SPLITS}")
+        rows = np.flatnonzero(np.asarray(self.data.split) == SPLITS.index(name))
+        if rows.size == 0:
+            raise ReplayError(f"{self.path}: split {name!r} has no transitions")
+        return take_rows(self.data, rows)
+
+    def extras_for(self, name: str) -> dict[str, np.ndarray]:
+        rows = np.asarray(self.data.split) == SPLITS.index(name)
+        return {k: v[rows] for k, v in self.extras.items()}
+
+
+def take_rows(data: Transitions, rows: np.ndarray) -> Transitions:
+    rows = jnp.asarray(rows)
+    return Transitions(**{f: getattr(data, f)[rows] for f in Transitions.__dataclass_fields__})
+
+
+def content_hash(frame: pl.DataFrame) -> str:
+    """sha256 over the columns in schema order: equal rows give equal hashes, whatever the file bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(frame.columns):
+        series = frame.get_column(name)
+        digest.update(name.encode())
+        if series.dtype == pl.String:
+            digest.update("\x1f".join(series.fill_null("\x00").to_list()).encode())
+        else:
+            values = series.to_numpy()
+            digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
+
+
+def _fail(path: Path | str, message: str) -> ReplayError:
+    return ReplayError(f"{path}: {message}")
+
+
+def _check_array_column(path, frame: pl.DataFrame, name: str, inner: type[pl.DataType], width: int) -> None:
+    dtype = frame.schema[name]
+    if not isinstance(dtype, pl.Array) or dtype.inner != inner or dtype.size != width:
+        raise _fail(path, f"column {name!r} has type {dtype}; expected Array({inner.__name__}, {width})")
+
+
+def validate_frame(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str = "<replay>") -> None:
+    """Check a replay's columns and metadata; raise ReplayError naming the first problem found."""
+    for key in REQUIRED_METADATA:
+        if key not in meta:
+            raise _fail(path, f"metadata key {key!r} is missing")
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise _fail(
+            path,
+            f"unknown schema version {meta['schema_version']!r}; this cleansepsis reads version {SCHEMA_VERSION}",
+        )
+    obs_dim, n_actions = int(meta["obs_dim"]), int(meta["n_actions"])
+    if len(meta["feature_names"]) != obs_dim:
+        raise _fail(path, f"metadata lists {len(meta['feature_names'])} feature names for obs_dim {obs_dim}")
+    if meta["action_encoding"] != ACTION_ENCODING:
+        raise _fail(path, f"action encoding {meta['action_encoding']!r}; expected {ACTION_ENCODING!r}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise _fail(path, f"missing column(s) {missing}; a replay needs {list(REQUIRED_COLUMNS)}")
+    if frame.height == 0:
+        raise _fail(path, "has no rows")
+
+    integer_columns = {"episode_id": pl.Int64, "t": pl.Int32, "action": pl.Int32}
+    for name in ("state_index", "next_state_index"):
+        if name in frame.columns:
+            integer_columns[name] = pl.Int32
+    for name, want in integer_columns.items():
+        if frame.schema[name] != want:
+            raise _fail(path, f"column {name!r} has type {frame.schema[name]}; expected {want}")
+    float_columns = ["reward"] + (["behavior_prob"] if "behavior_prob" in frame.columns else [])
+    for name in float_columns:
+        if frame.schema[name] != pl.Float32:
+            raise _fail(path, f"column {name!r} has type {frame.schema[name]}; expected Float32")
+    for name in ("terminated", "truncated"):
+        if frame.schema[name] != pl.Boolean:
+            raise _fail(path, f"column {name!r} has type {frame.schema[name]}; expected Boolean")
+    if frame.schema["split"] not in (pl.String, pl.Categorical, pl.Enum):
+        raise _fail(path, f"column 'split' has type {frame.schema['split']}; expected String")
+    _check_array_column(path, frame, "obs", pl.Float32, obs_dim)
+    _check_array_column(path, frame, "next_obs", pl.Float32, obs_dim)
+    for name in ("action_mask", "next_action_mask"):
+        if name in frame.columns:
+            _check_array_column(path, frame, name, pl.Boolean, n_actions)
+
+    for name in [*REQUIRED_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in frame.columns)]:
+        nulls = frame.get_column(name).null_count()
+        if nulls:
+            raise _fail(path, f"column {name!r} has {nulls} null value(s)")
+
+    actions = frame.get_column("action")
+    bad = frame.filter((actions < 0) | (actions >= n_actions))
+    if bad.height:
+        row = bad.row(0, named=True)
+        raise _fail(
+            path,
+            f"column 'action' has value {row['action']} (episode {row['episode_id']}, t {row['t']}) "
+            f"outside 0..{n_actions - 1}",
+        )
+    for name in ("obs", "next_obs", "reward", "behavior_prob"):
+        if name not in frame.columns:
+            continue
+        values = frame.get_column(name)
+        flat = values.arr.explode() if isinstance(values.dtype, pl.Array) else values
+        non_finite = int((~flat.is_finite()).sum())
+        if non_finite:
+            raise _fail(path, f"column {name!r} has {non_finite} non-finite value(s) (NaN or inf)")
+    if "behavior_prob" in frame.columns:
+        prob = frame.get_column("behavior_prob")
+        if bool(((prob <= 0) | (prob > 1)).any()):
+            raise _fail(path, "column 'behavior_prob' has values outside (0, 1]")
+    splits = set(frame.get_column("split").cast(pl.String).unique().to_list())
+    if not splits <= set(SPLITS):
+        raise _fail(path, f"column 'split' has value(s) {sorted(splits - set(SPLITS))}; expected {SPLITS}")
+    per_episode = frame.group_by("episode_id").agg(pl.col("split").n_unique().alias("n"))
+    if int(per_episode.get_column("n").max()) > 1:
+        raise _fail(path, "an episode is spread over more than one split; splits must be by episode")
+
+
+def write_replay(
+    path: str | os.PathLike,
+    frame: pl.DataFrame,
+    meta: dict[str, Any],
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Validate and write a replay atomically. Returns the metadata as written (with the content hash)."""
+    path = Path(path)
+    meta = {"schema_version": SCHEMA_VERSION, "action_encoding": ACTION_ENCODING, **meta}
+    validate_frame(frame, meta, path)
+    meta["n_transitions"] = frame.height
+    meta["n_episodes"] = int(frame.get_column("episode_id").n_unique())
+    meta["content_hash"] = content_hash(frame)
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        frame.write_parquet(tmp, compression="zstd", metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    return meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The replay metadata of a parquet file, without reading its rows."""
+    path = Path(path)
+    if not path.exists():
+        raise _fail(path, "no such file")
+    try:
+        kv = pl.read_parquet_metadata(path)
+    except Exception as err:  # polars raises several types for a damaged file
+        raise _fail(path, f"is not a readable parquet file ({type(err).__name__}: {err})") from None
+    if METADATA_KEY not in kv:
+        raise _fail(path, f"has no {METADATA_KEY!r} metadata; it was not written by cleansepsis")
+    try:
+        return json.loads(kv[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise _fail(path, f"its {METADATA_KEY!r} metadata is not valid JSON ({err})") from None
+
+
+def load_replay(path: str | os.PathLike, verify_hash: bool = True) -> Replay:
+    """Read, validate and move a replay to the device once. Raises ReplayError before any compilation."""
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        frame = pl.read_parquet(path)
+    except Exception as err:
+        raise _fail(path, f"could not be read ({type(err).__name__}: {err})") from None
+    validate_frame(frame, meta, path)
+    if verify_hash and content_hash(frame) != meta.get("content_hash"):
+        raise _fail(path, "content hash does not match its metadata; the rows were changed after writing")
+    return frame_to_replay(frame, meta, path)
+
+
+def frame_to_replay(frame: pl.DataFrame, meta: dict[str, Any], path: Path) -> Replay:
+    n, n_actions = frame.height, int(meta["n_actions"])
+    has = {name: name in frame.columns for name in OPTIONAL_COLUMNS}
+    episode_ids, episode_index = np.unique(frame.get_column("episode_id").to_numpy(), return_inverse=True)
+
+    def column(name: str, fill: Any, dtype) -> np.ndarray:
+        if name in frame.columns:
+            return frame.get_column(name).to_numpy().astype(dtype, copy=False)
+        return np.full(n, fill, dtype)
+
+    def mask(name: str) -> np.ndarray:
+        if name in frame.columns:
+            return frame.get_column(name).to_numpy().astype(bool)
+        return np.ones((n, n_actions), bool)
+
+    split_names = frame.get_column("split").cast(pl.String).to_numpy()
+    split_codes = np.zeros(n, np.int8)
+    for code, name in enumerate(SPLITS):
+        split_codes[split_names == name] = code
+    data = Transitions(
+        obs=jnp.asarray(frame.get_column("obs").to_numpy(), jnp.float32),
+        action=jnp.asarray(frame.get_column("action").to_numpy(), jnp.int32),
+        reward=jnp.asarray(frame.get_column("reward").to_numpy(), jnp.float32),
+        next_obs=jnp.asarray(frame.get_column("next_obs").to_numpy(), jnp.float32),
+        terminated=jnp.asarray(frame.get_column("terminated").to_numpy(), bool),
+        truncated=jnp.asarray(frame.get_column("truncated").to_numpy(), bool),
+        episode_id=jnp.asarray(episode_index, jnp.int32),
+        t=jnp.asarray(frame.get_column("t").to_numpy(), jnp.int32),
+        split=jnp.asarray(split_codes),
+        state_index=jnp.asarray(column("state_index", -1, np.int32)),
+        next_state_index=jnp.asarray(column("next_state_index", -1, np.int32)),
+        behavior_prob=jnp.asarray(column("behavior_prob", np.nan, np.float32)),
+        action_mask=jnp.asarray(mask("action_mask")),
+        next_action_mask=jnp.asarray(mask("next_action_mask")),
+    )
+    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+    extras = {c: frame.get_column(c).to_numpy() for c in frame.columns if c not in known}
+    return Replay(path=path, data=data, meta=meta, has=has, episode_ids=episode_ids, extras=extras)
