@@ -1,0 +1,199 @@
+"""Shared run machinery: grids, seeds, the compiled sweep, finite-loss check, table and run folder."""
+
+from __future__ import annotations
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import polars as pl
+import pytest
+
+from cleansepsis import runs
+from cleansepsis.checkpoint import linear_layers, load_checkpoint, network_forward
+from cleansepsis.replay import load_replay, write_replay
+
+NETWORK = {"kind": "mlp", "activation": "relu", "hidden": ["hidden_0"], "output": "output"}
+
+
+def write_probe_replay(path, obs, action, reward, next_obs, terminated, episode_id, n_actions,
+                       split=None, action_mask=None, next_action_mask=None, source="probe"):
+    """A small replay from numpy arrays, written with the project's own writer (shared by the learner tests)."""
+    obs = np.asarray(obs, np.float32)
+    n, obs_dim = obs.shape
+    columns = {
+        "episode_id": np.asarray(episode_id, np.int64),
+        "t": np.zeros(n, np.int32),
+        "obs": obs,
+        "action": np.asarray(action, np.int32),
+        "reward": np.asarray(reward, np.float32),
+        "next_obs": np.asarray(next_obs, np.float32),
+        "terminated": np.asarray(terminated, bool),
+        "truncated": np.zeros(n, bool),
+        "split": list(split) if split is not None else ["train"] * n,
+    }
+    schema = {"obs": pl.Array(pl.Float32, obs_dim), "next_obs": pl.Array(pl.Float32, obs_dim)}
+    if action_mask is not None:
+        columns["action_mask"] = np.asarray(action_mask, bool)
+        columns["next_action_mask"] = np.asarray(next_action_mask, bool)
+        schema |= {"action_mask": pl.Array(pl.Boolean, n_actions), "next_action_mask": pl.Array(pl.Boolean, n_actions)}
+    frame = pl.DataFrame({k: v for k, v in columns.items()}).with_columns(
+        [pl.col(k).cast(v) for k, v in schema.items()]
+    )
+    meta = {
+        "obs_dim": obs_dim,
+        "n_actions": n_actions,
+        "feature_names": [f"x{i}" for i in range(obs_dim)],
+        "normalisation": None,
+        "source": source,
+        "env_id": None,
+        "reward": "probe",
+        "args": {},
+    }
+    write_replay(path, frame, meta)
+    return path
+
+
+def test_grid_is_the_cartesian_product_first_key_slowest():
+    settings, stacked = runs.make_hparam_grid({"alpha": [0.1, 1.0], "lr": [1e-3, 3e-4, 1e-4]})
+    assert len(settings) == 6
+    assert [s["alpha"] for s in settings] == [0.1] * 3 + [1.0] * 3
+    assert settings[4] == {"alpha": 1.0, "lr": pytest.approx(3e-4)}
+    assert stacked["lr"].shape == (6,) and stacked["lr"].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(stacked["alpha"]), [s["alpha"] for s in settings])
+    settings, stacked = runs.make_hparam_grid({"tau": 0.7})
+    assert settings == [{"tau": pytest.approx(0.7)}]
+
+
+@pytest.mark.parametrize("bad", [{"tau": []}, {"tau": [float("nan")]}])
+def test_grid_rejects_empty_and_non_finite_values(bad):
+    with pytest.raises(runs.RunError, match="--tau"):
+        runs.make_hparam_grid(bad)
+
+
+def test_seeds_are_consecutive_and_keys_differ():
+    assert runs.seed_list(3, 2) == [3, 4]
+    with pytest.raises(runs.RunError, match="num-seeds"):
+        runs.seed_list(0, 0)
+    keys = runs.seed_keys([3, 4])
+    assert not np.array_equal(keys[0], keys[1])
+    np.testing.assert_array_equal(runs.seed_keys([4])[0], keys[1])
+
+
+def _toy_train(n_evals: int, traces: list):
+    """Fits w to a per-setting target by gradient steps; one metric per evaluation."""
+
+    def train(key, hparams):
+        traces.append(1)
+        w0 = jax.random.normal(key, (3,))
+
+        def evaluate(w, _):
+            def update(w, _):
+                return w - hparams["lr"] * 2 * (w - hparams["target"]), None
+
+            w, _ = jax.lax.scan(update, w, None, length=5)
+            runs.tick()
+            return w, {"loss": jnp.sum((w - hparams["target"]) ** 2), "w0": w[0]}
+
+        return jax.lax.scan(evaluate, w0, None, length=n_evals)
+
+    return train
+
+
+def test_sweep_vmaps_settings_and_seeds_compiles_once_and_repeats():
+    traces: list = []
+    _, hparams = runs.make_hparam_grid({"lr": [0.1, 0.2], "target": [1.0, -1.0, 0.0]})
+    train = _toy_train(4, traces)
+    (w, metrics), timing = runs.run_sweep(train, [0, 1, 2], hparams, n_ticks=4)
+    assert len(traces) == 1
+    assert w.shape == (6, 3, 3) and metrics["loss"].shape == (6, 3, 4)
+    assert timing["compile_seconds"] > 0 and timing["train_seconds"] > 0
+    # setting 1 is lr=0.1, target=-1: w moves towards -1 and the loss falls
+    np.testing.assert_array_less(np.abs(np.asarray(w[1]) + 1), 1.0)
+    assert np.all(np.diff(np.asarray(metrics["loss"]), axis=-1) < 0)
+    # seeds differ in initial parameters, the same seed repeats exactly
+    assert not np.allclose(w[0, 0], w[0, 1])
+    (w_again, _), _ = runs.run_sweep(train, [1], hparams, n_ticks=4)
+    np.testing.assert_array_equal(np.asarray(w_again[:, 0]), np.asarray(w[:, 1]))
+
+
+def test_check_finite_names_step_setting_seed_and_term():
+    settings = [{"alpha": 0.1}, {"alpha": 5.0}]
+    loss = np.ones((2, 2, 3))
+    loss[1, 1, 2] = np.nan
+    runs.check_finite({"loss": np.ones((2, 2, 3))}, settings, [7, 8], steps=[10, 20, 30])
+    with pytest.raises(runs.NonFiniteError) as err:
+        runs.check_finite({"td_loss": loss}, settings, [7, 8], steps=[10, 20, 30])
+    message = str(err.value)
+    for part in ("td_loss", "step 30", "seed 8", "alpha"):
+        assert part in message
+    # the policy's return is not a loss; NaN there is left to the table
+    runs.check_finite({"exact_return": loss}, settings, [7, 8])
+
+
+def test_results_table_has_mean_and_std_per_setting_and_references():
+    settings = [{"tau": 0.7}, {"tau": 0.9}]
+    ret = np.array([[[0.1, 0.80], [0.2, 0.84]], [[0.0, 0.5], [0.0, 0.5]]])
+    table = runs.results_table("iql", settings, [0, 1], {"exact_return": ret}, {"clinician": 0.782})
+    assert "0.8200 +- 0.0200" in table
+    assert "0.5000 +- 0.0000" in table
+    assert "tau=0.9" in table and "clinician" in table
+
+
+def test_metrics_frame_is_long_and_checks_shapes():
+    settings = [{"tau": 0.7}, {"tau": 0.9}]
+    metrics = {"loss": np.arange(12.0).reshape(2, 2, 3)}
+    frame = runs.metrics_frame(settings, [5, 6], [100, 200, 300], metrics)
+    assert frame.columns == ["setting", "seed", "tau", "step", "loss"]
+    assert frame.height == 12
+    row = frame.filter((pl.col("setting") == 1) & (pl.col("seed") == 5) & (pl.col("step") == 200)).row(0, named=True)
+    assert row["loss"] == metrics["loss"][1, 0, 1] and row["tau"] == pytest.approx(0.9)
+    with pytest.raises(runs.RunError, match="loss"):
+        runs.metrics_frame(settings, [5], [100, 200, 300], metrics)
+
+
+def test_finish_run_writes_a_complete_folder_atomically(tmp_path):
+    path = write_probe_replay(
+        tmp_path / "r.parquet", obs=np.eye(2), action=[0, 1], reward=[1.0, 0.0], next_obs=np.zeros((2, 2)),
+        terminated=[True, True], episode_id=[0, 1], n_actions=2,
+    )
+    replay = load_replay(path)
+    settings, _ = runs.make_hparam_grid({"beta": [1.0, 3.0]})
+    seeds = [0, 1]
+    mlps = [[eqx.nn.MLP(2, 2, 4, 1, key=jax.random.key(10 * s + i)) for i in range(2)] for s in range(2)]
+
+    def export(s, i):
+        return linear_layers(mlps[s][i], ["hidden_0", "output"]), NETWORK
+
+    metrics = {"loss": np.ones((2, 2, 3)), "exact_return": np.full((2, 2, 3), 0.8)}
+    kwargs = dict(
+        algo="toy", args={"lr": 1e-3}, replay=replay, settings=settings, seeds=seeds, steps=[1, 2, 3],
+        metrics=metrics, export=export, outputs="logits", timing={"compile_seconds": 1.0, "train_seconds": 2.0},
+        n_updates=3, reference={"clinician": 0.782}, run_dir=tmp_path / "run",
+    )
+    run = runs.finish_run(**kwargs)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "curves.png", "metrics.parquet", "summary.json"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(summary["runs"]) == 4 and summary["updates_per_second"] == pytest.approx(3 * 4 / 2.0)
+    assert summary["reference"] == {"clinician": 0.782}
+    entry = summary["runs"][3]
+    assert entry["setting"] == 1 and entry["seed"] == 1 and entry["hparams"] == {"beta": 3.0}
+    assert entry["exact_return"] == pytest.approx(0.8)
+    tensors, config = load_checkpoint(run / entry["checkpoint"])
+    assert config["algo"] == "toy" and config["outputs"] == "logits" and config["replay_hash"] == replay.content_hash
+    obs = jnp.asarray(np.random.default_rng(0).normal(size=(5, 2)), jnp.float32)
+    np.testing.assert_allclose(network_forward(tensors, config["network"], obs), jax.vmap(mlps[1][1])(obs), atol=1e-6)
+    assert pl.read_parquet(run / "metrics.parquet").height == 12
+    # an existing folder is not overwritten; a failing export leaves nothing behind
+    with pytest.raises(runs.OutputExistsError):
+        runs.finish_run(**kwargs)
+
+    def broken(s, i):
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError):
+        runs.finish_run(**{**kwargs, "export": broken, "run_dir": tmp_path / "run2"})
+    assert not (tmp_path / "run2").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run2")] == []
