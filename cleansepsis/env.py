@@ -1,0 +1,608 @@
+"""The ICU-Sepsis benchmark MDP in JAX: a pure functional core, exact evaluation, and a Gymnasium class.
+
+ICU-Sepsis (Choudhary, Gupta, Thomas, RLC 2024; PyPI `icu-sepsis` 2.0.1) is a tabular MDP built from
+MIMIC-III: 713 patient states plus death (713), survival (714) and an unreachable absorbing state (715);
+25 actions `a = 5 * fluid_level + vaso_level`; reward 1 on entering survival; gamma = 1.
+
+The arrays are read from the installed `icu-sepsis` package without importing it (importing it pulls in
+the legacy `gym` package). Everything below is jit-, vmap- and scan-able:
+
+    params = load_params()                                   # EnvParams pytree
+    obs, state = reset(key, params)
+    obs, state, reward, terminated, truncated = step(key, state, action, params)
+    ret, length = policy_evaluation(policy, params)          # exact, policy (716, 25)
+
+Sampling the next state is O(1): every (state, action) row has an alias table over its at most 213
+non-zero next states, built once in numpy when the params are loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import gymnasium
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+N_STATES = 716
+N_ACTIONS = 25
+OBS_DIM = 47
+N_PATIENT_STATES = 713
+DEATH = 713
+SURVIVAL = 714
+ABSORBING = 715
+TERMINAL_STATES = (DEATH, SURVIVAL, ABSORBING)
+ENV_ID = "CleanSepsis/ICUSepsis-v0"
+MAX_STEPS = 500
+STRATEGIES = ("mean", "terminate")
+OBS_MODES = ("index", "onehot", "vector")
+
+# The 47 state features in order (icu-sepsis state_cluster_centers; AI Clinician cohort). The first 4 are
+# binary shifted by -0.5, the next 32 z-scored, the last 11 log-transformed then z-scored.
+FEATURE_NAMES = (
+    "gender", "mechvent", "max_dose_vaso", "re_admission",
+    "age", "Weight_kg", "GCS", "HR", "SysBP", "MeanBP", "DiaBP", "RR", "Temp_C", "FiO2_1", "Potassium",
+    "Sodium", "Chloride", "Glucose", "Magnesium", "Calcium", "Hb", "WBC_count", "Platelets_count", "PTT",
+    "PT", "Arterial_pH", "paO2", "paCO2", "Arterial_BE", "HCO3", "Arterial_lactate", "SOFA", "SIRS",
+    "Shock_Index", "PaO2_FiO2", "cumulated_balance",
+    "SpO2", "BUN", "Creatinine", "SGOT", "SGPT", "Total_bili", "INR", "input_total", "input_4hourly",
+    "output_total", "output_4hourly",
+)  # fmt: skip
+NORMALISATION = (
+    "as shipped by icu-sepsis: state vectors are the k-means cluster centres of the AI Clinician "
+    "features; 4 binary features shifted by -0.5, 32 z-scored, 11 log-transformed then z-scored; "
+    "terminal states have the all-zero vector"
+)
+REWARD = "1.0 on entering survival (state 714), 0.0 otherwise (death is 713); gamma = 1"
+
+_PACK_SHIFT = 16  # alias tables pack (primary next state, alias next state) into one int32
+_PACK_MASK = (1 << _PACK_SHIFT) - 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading the shipped arrays
+# ---------------------------------------------------------------------------------------------------------
+
+
+def assets_dir() -> Path:
+    """The `envs/assets` folder of the installed icu-sepsis package (found without importing it)."""
+    spec = importlib.util.find_spec("icu_sepsis")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the icu-sepsis package is not installed; run `uv sync`")
+    return Path(next(iter(spec.submodule_search_locations))) / "envs" / "assets"
+
+
+def read_admissible_actions(path: Path) -> np.ndarray:
+    """admissible_actions.txt: first line the count per state, then one line of actions per state."""
+    lines = path.read_text().splitlines()
+    counts = [int(n) for n in lines[0].split()]
+    if len(counts) != N_STATES or len(lines) < N_STATES + 1:
+        raise ValueError(f"{path}: expected {N_STATES} states, found {len(counts)} counts")
+    mask = np.zeros((N_STATES, N_ACTIONS), bool)
+    for state, (count, line) in enumerate(zip(counts, lines[1 : N_STATES + 1], strict=True)):
+        actions = [int(a) for a in line.split()]
+        if len(actions) != count:
+            raise ValueError(f"{path}: state {state} lists {len(actions)} actions, header says {count}")
+        mask[state, actions] = True
+    return mask
+
+
+@functools.cache
+def shipped_arrays() -> dict[str, np.ndarray]:
+    """The shipped float64 arrays (read-only): tx_mat, d_0, expert_policy, state_cluster_centers,
+    sofa_scores, admissible_mask. Cached: read once per process."""
+    folder = assets_dir()
+    with np.load(folder / "dynamics.npz") as data:
+        arrays = {
+            k: np.asarray(data[k], np.float64)
+            for k in ("tx_mat", "d_0", "expert_policy", "state_cluster_centers", "sofa_scores")
+        }
+    arrays["admissible_mask"] = read_admissible_actions(folder / "admissible_actions.txt")
+    if arrays["tx_mat"].shape != (N_STATES, N_ACTIONS, N_STATES):
+        raise ValueError(f"{folder}/dynamics.npz: tx_mat has shape {arrays['tx_mat'].shape}")
+    for value in arrays.values():
+        value.flags.writeable = False
+    return arrays
+
+
+def transition_matrix(strategy: str) -> np.ndarray:
+    """Float64 (716, 25, 716) transition probabilities with the inadmissible-action strategy applied."""
+    _check_choice("strategy", strategy, STRATEGIES)
+    raw = shipped_arrays()
+    if strategy == "mean":  # the shipped rows of inadmissible actions already are the admissible mean
+        return raw["tx_mat"]
+    tx = raw["tx_mat"].copy()
+    inadmissible = ~raw["admissible_mask"]
+    tx[inadmissible] = 0.0
+    tx[inadmissible, DEATH] = 1.0
+    return tx
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
+
+
+def alias_tables(probs: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Walker/Vose alias tables for each row of `probs` (rows, n), restricted to the `width` largest entries.
+
+    Returns (threshold (rows, width) float32, packed (rows, width) int32): draw a slot j uniformly, then the
+    outcome is `packed & 0xFFFF` if u < threshold[j] else `packed >> 16`. Built by running Vose's
+    algorithm on all rows in lockstep (one pairing per row per iteration), so it takes milliseconds.
+    """
+    probs = np.asarray(probs, np.float64)
+    rows = probs.shape[0]
+    width = int((probs > 0).sum(1).max()) if width is None else width
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :width]
+    top = np.take_along_axis(probs, order, axis=1)
+    missing = np.abs(top.sum(1) - probs.sum(1)).max()
+    if missing > 1e-12:
+        raise ValueError(f"alias tables of width {width} would drop probability mass {missing:g}")
+    scaled = top / top.sum(1, keepdims=True) * width
+    threshold = np.ones((rows, width))
+    alias_slot = np.tile(np.arange(width), (rows, 1))
+    is_small = scaled < 1.0
+    # Stacks as arrays: small slots (then large slots) first, in slot order; pointers are stack sizes.
+    small = np.argsort(~is_small, axis=1, kind="stable")
+    large = np.argsort(is_small, axis=1, kind="stable")
+    n_small = is_small.sum(1)
+    n_large = width - n_small
+    while True:
+        active = np.flatnonzero((n_small > 0) & (n_large > 0))
+        if active.size == 0:
+            break
+        s = small[active, n_small[active] - 1]
+        g = large[active, n_large[active] - 1]
+        threshold[active, s] = scaled[active, s]
+        alias_slot[active, s] = g
+        scaled[active, g] -= 1.0 - scaled[active, s]
+        n_small[active] -= 1
+        became_small = scaled[active, g] < 1.0
+        moved, moved_slot = active[became_small], g[became_small]
+        n_large[moved] -= 1
+        small[moved, n_small[moved]] = moved_slot
+        n_small[moved] += 1
+    primary = order
+    alias = np.take_along_axis(order, alias_slot, axis=1)
+    packed = (primary | (alias << _PACK_SHIFT)).astype(np.int32)
+    return threshold.astype(np.float32), packed
+
+
+def alias_probabilities(threshold: np.ndarray, packed: np.ndarray, n: int) -> np.ndarray:
+    """The distribution an alias table samples from (rows, n); for tests and checks."""
+    rows, width = threshold.shape
+    out = np.zeros((rows, n))
+    row_index = np.repeat(np.arange(rows), width)
+    thr = threshold.astype(np.float64).ravel()
+    np.add.at(out, (row_index, (packed & _PACK_MASK).ravel()), thr / width)
+    np.add.at(out, (row_index, (packed >> _PACK_SHIFT).ravel()), (1.0 - thr) / width)
+    return out
+
+
+@functools.cache
+def _alias_mean() -> tuple[np.ndarray, np.ndarray]:
+    tx = shipped_arrays()["tx_mat"]
+    threshold, packed = alias_tables(tx.reshape(N_STATES * N_ACTIONS, N_STATES))
+    return threshold.reshape(N_STATES, N_ACTIONS, -1), packed.reshape(N_STATES, N_ACTIONS, -1)
+
+
+@functools.cache
+def _numpy_params(strategy: str) -> dict[str, np.ndarray]:
+    threshold, packed = _alias_mean()
+    if strategy == "terminate":  # inadmissible -> death with certainty
+        inadmissible = ~shipped_arrays()["admissible_mask"]
+        threshold, packed = threshold.copy(), packed.copy()
+        threshold[inadmissible] = 1.0
+        packed[inadmissible] = DEATH | (DEATH << _PACK_SHIFT)
+    start_threshold, start_packed = alias_tables(shipped_arrays()["d_0"][None, :])
+    return {
+        "alias_threshold": threshold,
+        "alias_next": packed,
+        "start_threshold": start_threshold[0],
+        "start_next": start_packed[0],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Params and state pytrees
+# ---------------------------------------------------------------------------------------------------------
+
+
+class EnvParams(eqx.Module):
+    """Everything the MDP needs, as device arrays; `strategy` and `obs_mode` are static (they change the
+    program). Build with `load_params`."""
+
+    tx: jax.Array  # (716, 25, 716) float32 transition probabilities, strategy applied
+    alias_threshold: jax.Array  # (716, 25, W) float32, W = 213 slots
+    alias_next: jax.Array  # (716, 25, W) int32, packed primary | alias << 16
+    start_dist: jax.Array  # (716,) float32
+    start_threshold: jax.Array  # (S0,) float32 alias table over start_dist
+    start_next: jax.Array  # (S0,) int32 packed
+    admissible_mask: jax.Array  # (716, 25) bool
+    state_vectors: jax.Array  # (716, 47) float32, zeros for terminal states
+    sofa: jax.Array  # (716,) float32
+    clinician_probs: jax.Array  # (716, 25) float32, expert_policy as shipped (terminal rows zero)
+    terminal: jax.Array  # (716,) bool
+    max_steps: jax.Array  # () int32
+    strategy: str = eqx.field(static=True, default="mean")
+    obs_mode: str = eqx.field(static=True, default="vector")
+
+
+class EnvState(eqx.Module):
+    state_index: jax.Array  # () int32
+    time: jax.Array  # () int32, steps taken in this episode
+
+
+def load_params(strategy: str = "mean", obs_mode: str = "vector", max_steps: int = MAX_STEPS) -> EnvParams:
+    """The ICU-Sepsis MDP as an EnvParams pytree.
+
+    strategy: what an inadmissible action does: 'mean' (the shipped rows: the mean of the admissible
+        actions' rows) or 'terminate' (the patient dies).
+    obs_mode: 'vector' (the 47-dim state vector), 'index' (the int32 state) or 'onehot' (716 floats).
+    """
+    _check_choice("strategy", strategy, STRATEGIES)
+    _check_choice("obs_mode", obs_mode, OBS_MODES)
+    if int(max_steps) < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+    raw = shipped_arrays()
+    tables = _numpy_params(strategy)
+    terminal = np.zeros(N_STATES, bool)
+    terminal[list(TERMINAL_STATES)] = True
+    return EnvParams(
+        tx=jnp.asarray(transition_matrix(strategy), jnp.float32),
+        alias_threshold=jnp.asarray(tables["alias_threshold"]),
+        alias_next=jnp.asarray(tables["alias_next"]),
+        start_dist=jnp.asarray(raw["d_0"], jnp.float32),
+        start_threshold=jnp.asarray(tables["start_threshold"]),
+        start_next=jnp.asarray(tables["start_next"]),
+        admissible_mask=jnp.asarray(raw["admissible_mask"]),
+        state_vectors=jnp.asarray(raw["state_cluster_centers"], jnp.float32),
+        sofa=jnp.asarray(raw["sofa_scores"], jnp.float32),
+        clinician_probs=jnp.asarray(raw["expert_policy"], jnp.float32),
+        terminal=jnp.asarray(terminal),
+        max_steps=jnp.asarray(max_steps, jnp.int32),
+        strategy=strategy,
+        obs_mode=obs_mode,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Functional core (gymnax style)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _alias_draw(bits: jax.Array, threshold: jax.Array, packed: jax.Array) -> jax.Array:
+    """One draw from a (width,) alias table given two uint32 random words."""
+    width = threshold.shape[-1]
+    slot = (bits[0] % jnp.uint32(width)).astype(jnp.int32)
+    uniform = (bits[1] >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)  # 24 exact bits in [0, 1)
+    word = packed[slot]
+    return jnp.where(uniform < threshold[slot], word & _PACK_MASK, word >> _PACK_SHIFT)
+
+
+def _sample_next(bits: jax.Array, state_index: jax.Array, action: jax.Array, params: EnvParams) -> jax.Array:
+    width = params.alias_threshold.shape[-1]
+    slot = (bits[0] % jnp.uint32(width)).astype(jnp.int32)
+    uniform = (bits[1] >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+    word = params.alias_next[state_index, action, slot]
+    threshold = params.alias_threshold[state_index, action, slot]
+    return jnp.where(uniform < threshold, word & _PACK_MASK, word >> _PACK_SHIFT)
+
+
+def _sample_start(bits: jax.Array, params: EnvParams) -> jax.Array:
+    return _alias_draw(bits, params.start_threshold, params.start_next)
+
+
+def observe(state_index: jax.Array, params: EnvParams) -> jax.Array:
+    """The observation of a state for `params.obs_mode`: 'vector' (47,) float32, 'index' () int32,
+    'onehot' (716,) float32."""
+    if params.obs_mode == "vector":
+        return params.state_vectors[state_index]
+    if params.obs_mode == "onehot":
+        return jax.nn.one_hot(state_index, N_STATES, dtype=jnp.float32)
+    return jnp.asarray(state_index, jnp.int32)
+
+
+def reset(key: jax.Array, params: EnvParams) -> tuple[jax.Array, EnvState]:
+    """Draw a start state from `start_dist`. Returns (obs, state)."""
+    bits = jax.random.bits(key, (2,), jnp.uint32)
+    state = EnvState(state_index=_sample_start(bits, params), time=jnp.zeros((), jnp.int32))
+    return observe(state.state_index, params), state
+
+
+def _transition(bits, state: EnvState, action, params: EnvParams):
+    action = jnp.asarray(action, jnp.int32)
+    was_terminal = params.terminal[state.state_index]
+    sampled = _sample_next(bits, state.state_index, action, params)
+    next_index = jnp.where(was_terminal, state.state_index, sampled)  # terminal states stay put
+    reward = ((next_index == SURVIVAL) & ~was_terminal).astype(jnp.float32)
+    time = state.time + (~was_terminal).astype(jnp.int32)
+    terminated = params.terminal[next_index]
+    truncated = (time >= params.max_steps) & ~terminated
+    return EnvState(state_index=next_index, time=time), reward, terminated, truncated
+
+
+def step(key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams):
+    """One step. Returns (obs, state, reward, terminated, truncated). Stepping a terminal state leaves it
+    unchanged with reward 0 (no auto-reset here; see `step_autoreset`)."""
+    bits = jax.random.bits(key, (2,), jnp.uint32)
+    state, reward, terminated, truncated = _transition(bits, state, action, params)
+    return observe(state.state_index, params), state, reward, terminated, truncated
+
+
+def step_autoreset(key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams):
+    """One step that resets the episode when it ends, for `lax.scan` rollouts.
+
+    Returns (obs, state, reward, terminated, truncated, info): obs and state are already those of the new
+    episode when the step ended one; reward, terminated and truncated describe the step taken. `info`
+    holds the pre-reset facts: 'next_state_index' (the state the step reached), 'final_obs' (its
+    observation) and 'episode_length' (steps in the episode so far, including this one).
+    """
+    bits = jax.random.bits(key, (4,), jnp.uint32)
+    stepped, reward, terminated, truncated = _transition(bits[:2], state, action, params)
+    done = terminated | truncated
+    fresh = _sample_start(bits[2:], params)
+    new_state = EnvState(
+        state_index=jnp.where(done, fresh, stepped.state_index),
+        time=jnp.where(done, 0, stepped.time),
+    )
+    info = {
+        "next_state_index": stepped.state_index,
+        "final_obs": observe(stepped.state_index, params),
+        "episode_length": stepped.time,
+    }
+    return observe(new_state.state_index, params), new_state, reward, terminated, truncated, info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Policies and exact evaluation (gamma = 1)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _terminal_rows_uniform(policy: jax.Array, params: EnvParams) -> jax.Array:
+    return jnp.where(params.terminal[:, None], 1.0 / N_ACTIONS, policy)
+
+
+def clinician_policy(params: EnvParams, renormalise: bool = True) -> jax.Array:
+    """The clinicians' estimated policy (716, 25). renormalise=True restricts it to the admissible
+    actions and renormalises; False gives it as shipped. Terminal rows are uniform (they are never used)."""
+    probs = params.clinician_probs
+    if renormalise:
+        probs = jnp.where(params.admissible_mask, probs, 0.0)
+        probs = probs / jnp.maximum(probs.sum(-1, keepdims=True), 1e-30)
+    return _terminal_rows_uniform(probs, params)
+
+
+def random_policy(params: EnvParams, admissible_only: bool = False) -> jax.Array:
+    """Uniform over all 25 actions, or over each state's admissible actions. (716, 25)."""
+    if admissible_only:
+        mask = params.admissible_mask.astype(jnp.float32)
+        return mask / mask.sum(-1, keepdims=True)
+    return jnp.full((N_STATES, N_ACTIONS), 1.0 / N_ACTIONS, jnp.float32)
+
+
+def greedy_admissible(q: jax.Array, admissible_mask: jax.Array) -> jax.Array:
+    """One-hot policy (..., 716, 25) of the argmax of q over admissible actions only (lowest index wins
+    ties). An unrestricted argmax picks an inadmissible action in 17 states of ICU-Sepsis."""
+    masked = jnp.where(admissible_mask, q, -jnp.inf)
+    return jax.nn.one_hot(jnp.argmax(masked, axis=-1), q.shape[-1], dtype=jnp.float32)
+
+
+def _batched(fn):
+    """Let a function of one (716, 25) policy take leading batch axes."""
+
+    @functools.wraps(fn)
+    def wrapper(policy, params, *args, **kwargs):
+        policy = jnp.asarray(policy)
+        if policy.ndim < 2 or policy.shape[-2:] != (N_STATES, N_ACTIONS):
+            raise ValueError(f"policy must have shape (..., {N_STATES}, {N_ACTIONS}), got {policy.shape}")
+        if policy.ndim == 2:
+            return fn(policy, params, *args, **kwargs)
+        inner = wrapper
+        return jax.vmap(lambda p: inner(p, params, *args, **kwargs))(policy)
+
+    return wrapper
+
+
+@_batched
+def policy_state_values(policy: jax.Array, params: EnvParams) -> tuple[jax.Array, jax.Array]:
+    """Per-state survival probability and expected remaining steps under `policy`, (716,) each (zero at
+    terminal states), by one linear solve over the 713 patient states."""
+    policy = policy.astype(params.tx.dtype)
+    n = N_PATIENT_STATES
+    p_pi = jnp.einsum("sa,sat->st", policy[:n], params.tx[:n])  # (713, 716)
+    system = jnp.eye(n, dtype=p_pi.dtype) - p_pi[:, :n]
+    rhs = jnp.stack([p_pi[:, SURVIVAL], jnp.ones(n, p_pi.dtype)], axis=1)  # (713, 2)
+    solution = jnp.linalg.solve(system, rhs)
+    pad = jnp.zeros((N_STATES - n, 2), solution.dtype)
+    solution = jnp.concatenate([solution, pad])
+    return solution[:, 0], solution[:, 1]
+
+
+@_batched
+def policy_evaluation(policy: jax.Array, params: EnvParams) -> tuple[jax.Array, jax.Array]:
+    """Exact (expected return, mean episode length) of a stochastic policy (716, 25) from `start_dist`.
+    Leading batch axes are allowed (vmapped). Rows of terminal states are ignored."""
+    values, lengths = policy_state_values(policy, params)
+    return params.start_dist @ values, params.start_dist @ lengths
+
+
+def q_values(values: jax.Array, params: EnvParams) -> jax.Array:
+    """Q (716, 25) of a state-value vector (716,): reward of entering survival plus next value; zero at
+    terminal states."""
+    target = values + (jnp.arange(N_STATES) == SURVIVAL).astype(values.dtype)
+    q = jnp.einsum("sat,t->sa", params.tx, target)
+    return jnp.where(params.terminal[:, None], 0.0, q)
+
+
+def value_iteration(params: EnvParams, max_iters: int = 50, tol: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+    """Optimal Q (716, 25) and V (716,) with actions restricted to the admissible ones.
+
+    Computed by policy iteration (each evaluation an exact linear solve), which reaches the optimum in a
+    handful of iterations; an action changes only if it improves Q by more than `tol`, so float32
+    near-ties cannot make it cycle. V[s] = max over admissible a of Q[s, a].
+    """
+
+    def improve(policy):
+        values, _ = policy_state_values(policy, params)
+        q = q_values(values, params)
+        current = jnp.sum(q * policy, axis=-1)
+        best = greedy_admissible(q, params.admissible_mask)
+        gain = jnp.sum(q * best, axis=-1) - current
+        new = jnp.where((gain > tol)[:, None], best, policy)
+        return new, jnp.any(gain > tol)
+
+    def cond(carry):
+        _, changed, i = carry
+        return changed & (i < max_iters)
+
+    def body(carry):
+        policy, _, i = carry
+        new, changed = improve(policy)
+        return new, changed, i + 1
+
+    start = greedy_admissible(params.clinician_probs, params.admissible_mask)
+    policy, _, _ = jax.lax.while_loop(cond, body, (start, jnp.array(True), jnp.array(0)))
+    values, _ = policy_state_values(policy, params)
+    q = q_values(values, params)
+    v = jnp.max(jnp.where(params.admissible_mask, q, -jnp.inf), axis=-1)
+    return q, jnp.where(params.terminal, 0.0, v)
+
+
+def optimal_policy(params: EnvParams) -> jax.Array:
+    """The greedy-admissible one-hot policy of `value_iteration`, (716, 25)."""
+    q, _ = value_iteration(params)
+    return greedy_admissible(q, params.admissible_mask)
+
+
+# Float64 numpy versions, for published reference figures (float32 agrees to about 1e-5).
+
+
+def _np_policy_evaluation(policy: np.ndarray, tx: np.ndarray, start: np.ndarray) -> tuple[float, float]:
+    n = N_PATIENT_STATES
+    p_pi = np.einsum("sa,sat->st", policy[:n], tx[:n])
+    rhs = np.stack([p_pi[:, SURVIVAL], np.ones(n)], axis=1)
+    solution = np.linalg.solve(np.eye(n) - p_pi[:, :n], rhs)
+    return float(start[:n] @ solution[:, 0]), float(start[:n] @ solution[:, 1])
+
+
+def reference_values(params: EnvParams) -> dict[str, dict[str, float]]:
+    """Exact expected return (= survival probability) and mean episode length of the reference policies
+    under `params.strategy`, in float64 from the shipped arrays:
+    random (uniform over 25), random_admissible, clinician (as shipped), clinician_renormalised,
+    greedy_clinician (argmax of the renormalised clinician policy) and optimal."""
+    raw = shipped_arrays()
+    tx, start, mask = transition_matrix(params.strategy), raw["d_0"], raw["admissible_mask"]
+    clinician = raw["expert_policy"]
+    renormalised = np.where(mask, clinician, 0.0)
+    renormalised /= np.maximum(renormalised.sum(1, keepdims=True), 1e-300)
+    greedy_clinician = np.eye(N_ACTIONS)[np.argmax(np.where(mask, renormalised, -np.inf), axis=1)]
+    optimal = np.asarray(optimal_policy(params), np.float64)
+    policies = {
+        "random": np.full((N_STATES, N_ACTIONS), 1.0 / N_ACTIONS),
+        "random_admissible": mask / mask.sum(1, keepdims=True),
+        "clinician": clinician,
+        "clinician_renormalised": renormalised,
+        "greedy_clinician": greedy_clinician,
+        "optimal": optimal,
+    }
+    table = {}
+    for name, policy in policies.items():
+        expected_return, mean_length = _np_policy_evaluation(policy, tx, start)
+        table[name] = {"expected_return": expected_return, "mean_length": mean_length}
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gymnasium class
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ICUSepsisEnv(gymnasium.Env):
+    """ICU-Sepsis as a Gymnasium env over the same arrays and alias tables as the JAX core (numpy RNG).
+
+    Actions: Discrete(25), `5 * fluid_level + vaso_level`. Observations per `obs_mode` ('vector' Box(47),
+    'index' Discrete(716), 'onehot' Box(716)). `info` carries `admissible_actions`, `state_vector`,
+    `sofa_score` (like the reference env) and `state_index`. Episodes are truncated at `max_steps`.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012
+
+    def __init__(self, strategy: str = "mean", obs_mode: str = "vector", max_steps: int = MAX_STEPS):
+        _check_choice("strategy", strategy, STRATEGIES)
+        _check_choice("obs_mode", obs_mode, OBS_MODES)
+        self.strategy, self.obs_mode, self.max_steps = strategy, obs_mode, int(max_steps)
+        raw = shipped_arrays()
+        tables = _numpy_params(strategy)
+        self._threshold, self._next = tables["alias_threshold"], tables["alias_next"]
+        self._start_threshold, self._start_next = tables["start_threshold"], tables["start_next"]
+        self._state_vectors = raw["state_cluster_centers"].astype(np.float32)
+        self._sofa = raw["sofa_scores"]
+        self._admissible = [np.flatnonzero(row) for row in raw["admissible_mask"]]
+        self.action_space = gymnasium.spaces.Discrete(N_ACTIONS)
+        if obs_mode == "vector":
+            bound = float(np.abs(self._state_vectors).max()) + 1.0
+            self.observation_space = gymnasium.spaces.Box(-bound, bound, (OBS_DIM,), np.float32)
+        elif obs_mode == "onehot":
+            self.observation_space = gymnasium.spaces.Box(0.0, 1.0, (N_STATES,), np.float32)
+        else:
+            self.observation_space = gymnasium.spaces.Discrete(N_STATES)
+        self._state: int | None = None
+        self._time = 0
+
+    def _draw(self, threshold: np.ndarray, packed: np.ndarray) -> int:
+        slot = int(self.np_random.integers(threshold.shape[-1]))
+        word = int(packed[slot])
+        return word & _PACK_MASK if self.np_random.random() < threshold[slot] else word >> _PACK_SHIFT
+
+    def _obs(self):
+        if self.obs_mode == "vector":
+            return self._state_vectors[self._state].copy()
+        if self.obs_mode == "onehot":
+            out = np.zeros(N_STATES, np.float32)
+            out[self._state] = 1.0
+            return out
+        return int(self._state)
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "admissible_actions": self._admissible[self._state].tolist(),
+            "state_vector": self._state_vectors[self._state],
+            "sofa_score": float(self._sofa[self._state]),
+            "state_index": int(self._state),
+        }
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self._state = self._draw(self._start_threshold, self._start_next)
+        self._time = 0
+        return self._obs(), self._info()
+
+    def step(self, action):
+        if self._state is None:
+            raise RuntimeError("call reset() before step()")
+        if self._state in TERMINAL_STATES:
+            raise RuntimeError("the episode has ended; call reset()")
+        action = int(action)
+        if not 0 <= action < N_ACTIONS:
+            raise ValueError(f"action {action} outside 0..{N_ACTIONS - 1}")
+        self._state = self._draw(self._threshold[self._state, action], self._next[self._state, action])
+        self._time += 1
+        terminated = self._state in TERMINAL_STATES
+        truncated = self._time >= self.max_steps and not terminated
+        reward = 1.0 if self._state == SURVIVAL else 0.0
+        return self._obs(), reward, terminated, truncated, self._info()
+
+
+def register() -> None:
+    """Register ENV_ID with Gymnasium (idempotent)."""
+    if ENV_ID not in gymnasium.registry:
+        gymnasium.register(id=ENV_ID, entry_point="cleansepsis.env:ICUSepsisEnv")
+
+
+register()
