@@ -1,0 +1,532 @@
+"""`data_prep.py mimic`: MIMIC-IV (v2.2 / v3.x, .csv.gz / .csv / .parquet) -> an offline-RL replay.
+
+Stages: small tables and checks -> suspected infection -> one streaming pass over each event table,
+restricted to stays with suspected infection -> hourly SOFA -> Sepsis-3 onset -> step grid around onset ->
+states, actions, rewards -> normalisation and bins fitted on the train split -> replay, cohort table, report.
+
+Alignment (no look-ahead): step k has the action window [w_k, w_k + step) with w_k = max(onset + window_start,
+ICU admission) + k * step (hours since the admission hour). obs_k holds only what was charted strictly before
+w_k (each variable's last value within its hold limit; SOFA over the 24 h ending at w_k; fluids, urine and
+vasopressor over the previous window; balance up to w_k). action_k is what was given inside the window.
+next_obs_k = obs_{k+1}, built from data charted before w_{k+1}, so it includes the window's own charting.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+
+from cleansepsis.io import atomic_dir
+from cleansepsis.mimic import actions as act
+from cleansepsis.mimic import cohort as coh
+from cleansepsis.mimic import events
+from cleansepsis.mimic import features as feat
+from cleansepsis.mimic import rewards as rew
+from cleansepsis.mimic.sofa import COMPONENTS, hourly_grid
+from cleansepsis.mimic.tables import MimicInputError, Table, collect, open_tables
+from cleansepsis.replay import write_replay
+
+ALIGNMENT = (
+    "step k acts over [w_k, w_k + step_hours) with w_k = max(onset + window_start_hours, ICU admission hour) "
+    "+ k * step_hours; obs_k uses only data charted strictly before w_k (last value within each variable's hold "
+    "limit, SOFA of the 24 h ending at w_k, fluids/urine/vasopressor of the previous window, balance up to w_k); "
+    "the action is the maximum NE-equivalent rate and the tonicity-adjusted fluid volume given inside the "
+    "window; next_obs_k = obs_{k+1}"
+)
+
+
+@dataclass(frozen=True)
+class MimicArgs:
+    """Build an offline-RL replay of Sepsis-3 ICU stays from MIMIC-IV."""
+
+    mimic_dir: Path
+    """Folder holding MIMIC-IV's hosp/ and icu/ tables (.csv.gz, .csv or .parquet; v2.2 or v3.x layout)."""
+    out: Path
+    """Output folder: replay.parquet, cohort.parquet, report.md, report.json, action_heatmap.png."""
+    step_hours: int = 4
+    """Length of one decision step (action window), hours. 1 and 4 are the usual choices."""
+    window_start_hours: int = -24
+    """Start of the data window relative to Sepsis-3 onset, hours (negative = before onset)."""
+    window_end_hours: int = 48
+    """End of the data window relative to onset, hours. Episodes also end at ICU discharge or death."""
+    reward: Literal["mortality", "sofa", "raghu"] = "mortality"
+    """mortality: +-1 at the end by 90-day survival; sofa: +-15 plus -0.025 per SOFA point of change;
+    raghu: Raghu et al.'s SOFA-and-lactate shaping with +-15 at the end."""
+    train_fraction: float = 0.7
+    """Share of patients in the train split."""
+    val_fraction: float = 0.15
+    """Share of patients in the validation split; the rest is the test split."""
+    split_seed: int = 0
+    """Seed of the patient-level split."""
+    first_stay_only: bool = True
+    """Keep only each patient's first ICU stay (otherwise every stay is an episode)."""
+    min_age: int = 18
+    """Minimum age at ICU admission, years."""
+    overwrite: bool = False
+    """Replace the output folder if it exists."""
+    quiet: bool = False
+    """Do not print progress to stderr."""
+
+
+class Progress:
+    def __init__(self, quiet: bool):
+        self.quiet, self.start = quiet, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[mimic {time.perf_counter() - self.start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _fail_if_empty(table: Table, frame: pl.DataFrame) -> None:
+    if frame.height == 0:
+        raise MimicInputError(f"{table.path}: has no rows; expected a non-empty MIMIC-IV table")
+
+
+def _check_unique(table: Table, frame: pl.DataFrame, key: str) -> None:
+    dup = frame.filter(pl.col(key).is_duplicated())
+    if dup.height:
+        raise MimicInputError(
+            f"{table.path}: column {key!r} has duplicated value {dup.get_column(key)[0]} "
+            f"({dup.height} rows); expected one row per {key}"
+        )
+
+
+def _check_not_null(table: Table, frame: pl.DataFrame, columns: list[str]) -> None:
+    for name in columns:
+        nulls = frame.get_column(name).null_count()
+        if nulls:
+            raise MimicInputError(f"{table.path}: column {name!r} has {nulls} empty value(s); expected none")
+
+
+def load_stays(tables: dict[str, Table]) -> pl.DataFrame:
+    """ICU stays with demographics, `t0` (admission truncated to the hour) and `out_h` (discharge, h)."""
+    icu, pat, adm = tables["icu/icustays"], tables["hosp/patients"], tables["hosp/admissions"]
+    stays = collect(icu, icu.scan(), streaming=False)
+    patients = collect(pat, pat.scan(), streaming=False)
+    admissions = collect(adm, adm.scan(), streaming=False)
+    for table, frame, key in (
+        (icu, stays, "stay_id"),
+        (pat, patients, "subject_id"),
+        (adm, admissions, "hadm_id"),
+    ):
+        _fail_if_empty(table, frame)
+        _check_unique(table, frame, key)
+    _check_not_null(icu, stays, ["subject_id", "hadm_id", "stay_id", "intime", "outtime"])
+    _check_not_null(pat, patients, ["subject_id", "anchor_age", "anchor_year"])
+    backwards = stays.filter(pl.col("outtime") < pl.col("intime"))
+    if backwards.height:
+        row = backwards.row(0, named=True)
+        raise MimicInputError(
+            f"{icu.path}: stay_id {row['stay_id']} has outtime {row['outtime']} before intime {row['intime']}; "
+            "timestamps out of order"
+        )
+    bad_age = patients.filter((pl.col("anchor_age") < 0) | (pl.col("anchor_age") > 120))
+    if bad_age.height:
+        row = bad_age.row(0, named=True)
+        raise MimicInputError(
+            f"{pat.path}: column 'anchor_age' has value {row['anchor_age']} (subject_id {row['subject_id']}); "
+            "expected an age between 0 and 120"
+        )
+    bad_gender = patients.filter(~pl.col("gender").is_in(["F", "M"]))
+    if bad_gender.height:
+        raise MimicInputError(
+            f"{pat.path}: column 'gender' has value {bad_gender.get_column('gender')[0]!r}; expected 'F' or 'M'"
+        )
+    stays = stays.join(patients, on="subject_id", how="left")
+    orphans = stays.filter(pl.col("anchor_age").is_null())
+    if orphans.height:
+        raise MimicInputError(
+            f"{pat.path}: subject_id {orphans.get_column('subject_id')[0]} of {icu.path.name} is missing; "
+            "expected every ICU patient in patients"
+        )
+    stays = stays.join(admissions.select("hadm_id", "deathtime"), on="hadm_id", how="left")
+    # dod is a date: a death on that day is placed at its end, so an episode is never cut before the death
+    death = pl.min_horizontal(
+        pl.col("deathtime"),
+        (pl.col("dod").cast(pl.Datetime("us")) + pl.duration(days=1) - pl.duration(seconds=1)),
+    )
+    t0 = pl.col("intime").dt.truncate("1h")
+    return (
+        stays.with_columns(t0.alias("t0"), death.alias("death_time"))
+        .with_columns(
+            (pl.col("anchor_age") + pl.col("intime").dt.year() - pl.col("anchor_year"))
+            .cast(pl.Float32)
+            .alias("age"),
+            ((pl.col("outtime") - pl.col("t0")).dt.total_seconds(fractional=True) / 3600.0).alias("out_h"),
+            ((pl.col("death_time") - pl.col("t0")).dt.total_seconds(fractional=True) / 3600.0).alias(
+                "death_h"
+            ),
+            (
+                pl.col("death_time").is_not_null()
+                & ((pl.col("death_time") - pl.col("intime")) <= pl.duration(days=90))
+            ).alias("died_90d"),
+            (pl.col("gender") == "F").cast(pl.Float32).alias("female"),
+        )
+        .sort("stay_id")
+    )
+
+
+def split_patients(subject_ids: np.ndarray, train: float, val: float, seed: int) -> dict[int, str]:
+    """Patient-level split fixed by seed: the sorted ids are permuted, then cut by the fractions."""
+    if not (0 < train < 1 and 0 <= val < 1 and train + val <= 1):
+        raise MimicInputError(
+            f"split fractions train={train}, val={val} must be in (0, 1) and sum to at most 1"
+        )
+    ids = np.sort(np.unique(subject_ids))
+    order = np.random.default_rng(seed).permutation(ids.size)
+    n_train = max(1, round(train * ids.size))
+    n_val = round(val * ids.size)
+    names = np.array(["test"] * ids.size, dtype=object)
+    names[order[:n_train]] = "train"
+    names[order[n_train : n_train + n_val]] = "val"
+    return dict(zip(ids.tolist(), names.tolist(), strict=True))
+
+
+def _hours_between(a: str, b: str) -> pl.Expr:
+    return (pl.col(a) - pl.col(b)).dt.total_seconds(fractional=True) / 3600.0
+
+
+def measured_states(states: pl.DataFrame, measured: pl.DataFrame) -> pl.DataFrame:
+    """For every (stay_id, k, ws) add each measured variable's last value charted strictly before ws, if it
+    was charted within the variable's hold limit (sample-and-hold); else null."""
+    left = states.select("stay_id", "k", "ws").sort("ws")
+    out = states.sort("stay_id", "k")
+    for m in feat.MEASURED:
+        right = (
+            measured.filter(pl.col("feature") == feat.FEATURE_CODE[m.name])
+            .select("stay_id", "t_last", "last")
+            .sort("t_last")
+        )
+        joined = left.join_asof(
+            right,
+            left_on="ws",
+            right_on="t_last",
+            by="stay_id",
+            strategy="backward",
+            allow_exact_matches=False,
+            check_sortedness=False,  # sorted by ws / t_last above; polars cannot check with by-groups
+        )
+        held = pl.when(pl.col("ws") - pl.col("t_last") <= m.hold_hours).then(pl.col("last")).otherwise(None)
+        column = joined.select("stay_id", "k", held.cast(pl.Float32).alias(m.name))
+        out = out.join(column, on=["stay_id", "k"], how="left")
+    return out
+
+
+def build_states(
+    episodes: pl.DataFrame, measured: pl.DataFrame, grid: pl.DataFrame, step: int
+) -> pl.DataFrame:
+    """One row per (stay_id, k) for k = 0..n_steps (the last one is only a next state), raw units, plus the
+    action window's doses `vaso_ne_eq` and `fluid_ml` for k < n_steps."""
+    states = (
+        episodes.select(
+            "stay_id",
+            "start_h",
+            "onset_h",
+            "age",
+            "female",
+            pl.int_ranges(0, pl.col("n_steps") + 1, dtype=pl.Int32).alias("k"),
+        )
+        .explode("k")
+        .with_columns((pl.col("start_h") + pl.col("k") * step).cast(pl.Float64).alias("ws"))
+    )
+    states = measured_states(states, measured)
+    # SOFA, ventilation and balance of the hour just before the window (it ends at ws)
+    hour_before = grid.select(
+        "stay_id",
+        (pl.col("hour") + 1).cast(pl.Float64).alias("ws"),
+        "sofa",
+        *COMPONENTS,
+        pl.col("vent").cast(pl.Float32).alias("mech_vent"),
+        "cum_balance",
+    )
+    states = states.join(hour_before, on=["stay_id", "ws"], how="left")
+    # treatment per window: window j = floor((hour - start_h) / step); window -1 is the one before the first
+    windows = (
+        grid.join(episodes.select("stay_id", "start_h", "n_steps"), on="stay_id", how="inner")
+        .with_columns(((pl.col("hour") - pl.col("start_h")) // step).cast(pl.Int32).alias("k"))
+        .filter((pl.col("k") >= -1) & (pl.col("k") < pl.col("n_steps")))
+        .group_by("stay_id", "k")
+        .agg(
+            pl.col("fluid_tev").sum().cast(pl.Float32).alias("fluid_ml"),
+            pl.col("urine").sum().cast(pl.Float32).alias("urine_ml"),
+            pl.col("ne_eq").max().cast(pl.Float32).alias("vaso_ne_eq"),
+        )
+    )
+    previous = windows.select(
+        "stay_id",
+        (pl.col("k") + 1).alias("k"),
+        pl.col("fluid_ml").alias("fluid_prev_step"),
+        pl.col("urine_ml").alias("urine_prev_step"),
+        pl.col("vaso_ne_eq").alias("vaso_prev_step"),
+    )
+    states = (
+        states.join(previous, on=["stay_id", "k"], how="left")
+        .join(windows.select("stay_id", "k", "fluid_ml", "vaso_ne_eq"), on=["stay_id", "k"], how="left")
+        .with_columns(pl.col("fluid_prev_step", "urine_prev_step", "vaso_prev_step").fill_null(0.0))
+    )
+    verbal = pl.col("gcs_verbal")
+    gcs = pl.when(verbal == 0).then(15.0).otherwise(pl.col("gcs_eye") + verbal + pl.col("gcs_motor"))
+    return states.with_columns(
+        gcs.cast(pl.Float32).alias("gcs"),
+        (pl.col("pao2") / (pl.col("fio2") / 100.0)).cast(pl.Float32).alias("pf_ratio"),
+        (pl.col("hr") / pl.col("sbp")).cast(pl.Float32).alias("shock_index"),
+        (pl.col("ws") - pl.col("onset_h")).cast(pl.Float32).alias("hours_from_onset"),
+        pl.col("sofa", *COMPONENTS).cast(pl.Float32),
+    ).sort("stay_id", "k")
+
+
+def fit_normalisation(train: pl.DataFrame) -> dict[str, dict]:
+    """Per state value: kind (z / log-z / none), fill median, mean and std, all from train-split obs rows."""
+    stats = {}
+    for name in feat.STATE_VALUES:
+        kind = feat.scale_of(name)
+        values = train.get_column(name).cast(pl.Float64).to_numpy()
+        known = values[np.isfinite(values)]
+        median = float(np.median(known)) if known.size else 0.0
+        filled = np.where(np.isfinite(values), values, median)
+        if kind == "log-z":
+            filled = np.log(0.1 + np.maximum(filled, 0.0))
+        mean, std = (float(filled.mean()), float(filled.std())) if kind != "none" else (0.0, 1.0)
+        if not np.isfinite(std) or std < 1e-6:
+            std = 1.0
+        stats[name] = {"kind": kind, "fill_median": median, "mean": mean, "std": std}
+    return stats
+
+
+def normalise(states: pl.DataFrame, stats: dict[str, dict]) -> np.ndarray:
+    """(rows, obs_dim) float32: normalised values then missingness flags (1 = not charted within hold)."""
+    columns = []
+    for name in feat.STATE_VALUES:
+        s = stats[name]
+        values = states.get_column(name).cast(pl.Float64).to_numpy()
+        values = np.where(np.isfinite(values), values, s["fill_median"])
+        if s["kind"] == "log-z":
+            values = np.log(0.1 + np.maximum(values, 0.0))
+        columns.append((values - s["mean"]) / s["std"])
+    for name in feat.FLAGGED:
+        values = states.get_column(name).cast(pl.Float64).to_numpy()
+        columns.append((~np.isfinite(values)).astype(np.float64))
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
+def feature_names() -> list[str]:
+    return [*feat.STATE_VALUES, *(f"{name}_missing" for name in feat.FLAGGED)]
+
+
+def run(args: MimicArgs) -> dict:
+    """Run the whole pipeline; returns the summary written to report.json."""
+    say = Progress(args.quiet)
+    step = int(args.step_hours)
+    if step < 1 or step > 24:
+        raise MimicInputError(f"--step-hours {step}: expected a whole number of hours between 1 and 24")
+    if args.window_end_hours <= args.window_start_hours:
+        raise MimicInputError(
+            f"--window-end-hours {args.window_end_hours} must be after --window-start-hours {args.window_start_hours}"
+        )
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise MimicInputError(f"{out}: already exists; pass --overwrite to replace it")
+    tables = open_tables(Path(args.mimic_dir))
+    say("tables found: " + ", ".join(f"{k}={t.path.name}" for k, t in tables.items()))
+
+    stays = load_stays(tables)
+    counts = {"icu_stays": stays.height}
+    stays = stays.filter(pl.col("age") >= args.min_age)
+    counts[f"age_at_least_{args.min_age}"] = stays.height
+    if args.first_stay_only:
+        stays = stays.sort("intime").group_by("subject_id", maintain_order=True).first().sort("stay_id")
+        counts["first_icu_stay"] = stays.height
+    say(f"{stays.height} stays after age and first-stay filters")
+
+    rx, micro = tables["hosp/prescriptions"], tables["hosp/microbiologyevents"]
+    subjects = stays.get_column("subject_id").unique().implode()
+    prescriptions = collect(
+        rx,
+        rx.scan()
+        .filter(pl.col("subject_id").is_in(subjects))
+        .filter(coh.is_antibiotic(pl.col("drug"), pl.col("route"), pl.col("drug_type"))),
+    )
+    cultures = coh.cultures(collect(micro, micro.scan().filter(pl.col("subject_id").is_in(subjects))))
+    si = coh.suspected_infection(coh.antibiotics_in_stays(prescriptions, stays), cultures)
+    candidates = stays.filter(pl.col("stay_id").is_in(si.get_column("stay_id").unique().implode()))
+    counts["suspected_infection"] = candidates.height
+    say(f"{candidates.height} stays with suspected infection ({prescriptions.height} antibiotic orders)")
+    if candidates.height == 0:
+        raise MimicInputError(f"{args.mimic_dir}: cohort is empty: no ICU stay has suspected infection")
+
+    chart = events.chart_hourly(tables["icu/chartevents"], candidates)
+    say(f"chartevents: {chart.height} stay-hour-variable aggregates")
+    labs = events.lab_hourly(tables["hosp/labevents"], candidates)
+    say(f"labevents: {labs.height} stay-hour-variable aggregates")
+    if chart.height == 0:
+        raise MimicInputError(
+            f"{tables['icu/chartevents'].path}: no rows with the needed itemids for the cohort's stays"
+        )
+    measured = pl.concat([chart, labs])
+    del chart, labs
+    inputs = events.input_hourly(tables["icu/inputevents"], candidates)
+    urine = events.urine_hourly(tables["icu/outputevents"], candidates)
+    vent = events.vent_hourly(tables["icu/procedureevents"], candidates)
+    say(f"inputevents/outputevents/procedureevents: {inputs.height}/{urine.height}/{vent.height} stay-hours")
+    grid = hourly_grid(candidates, measured, inputs, urine, vent)
+    onset = coh.sepsis_onset(si, grid, candidates)
+    counts["sepsis3"] = onset.height
+    say(f"{onset.height} stays meet Sepsis-3; hourly grid {grid.height} rows")
+
+    episodes = (
+        candidates.join(onset, on="stay_id", how="inner")
+        .with_columns(
+            pl.max_horizontal(pl.col("onset_h") + args.window_start_hours, 0).cast(pl.Int32).alias("start_h")
+        )
+        .with_columns(
+            pl.min_horizontal(
+                pl.col("onset_h").cast(pl.Float64) + args.window_end_hours,
+                "out_h",
+                pl.col("death_h").fill_null(1e12),
+            ).alias("end_h")
+        )
+        .with_columns(((pl.col("end_h") - pl.col("start_h")) / step).ceil().cast(pl.Int32).alias("n_steps"))
+        .filter(pl.col("n_steps") >= 1)
+    )
+    counts["with_a_step_in_icu"] = episodes.height
+    if episodes.height == 0:
+        raise MimicInputError(
+            f"{args.mimic_dir}: cohort is empty after the Sepsis-3 step ({counts}); nothing to write"
+        )
+    splits = split_patients(
+        episodes.get_column("subject_id").to_numpy(), args.train_fraction, args.val_fraction, args.split_seed
+    )
+    episodes = episodes.with_columns(
+        pl.col("subject_id").replace_strict(splits, return_dtype=pl.String).alias("split")
+    )
+
+    grid = grid.filter(pl.col("stay_id").is_in(episodes.get_column("stay_id").implode()))
+    measured = measured.filter(pl.col("stay_id").is_in(episodes.get_column("stay_id").implode()))
+    states = build_states(episodes, measured, grid, step)
+    states = states.join(episodes.select("stay_id", "n_steps", "split", "died_90d"), on="stay_id")
+    say(f"{states.height} states built for {episodes.height} episodes")
+
+    obs_rows = states.filter(pl.col("k") < pl.col("n_steps"))
+    next_rows = states.filter(pl.col("k") >= 1)
+    train_obs = obs_rows.filter(pl.col("split") == "train")
+    stats = fit_normalisation(train_obs)
+    vaso_edges = act.quartile_edges(train_obs.get_column("vaso_ne_eq").to_numpy())
+    fluid_edges = act.quartile_edges(train_obs.get_column("fluid_ml").to_numpy())
+    vaso_level = act.dose_level(obs_rows.get_column("vaso_ne_eq").to_numpy(), vaso_edges)
+    fluid_level = act.dose_level(obs_rows.get_column("fluid_ml").to_numpy(), fluid_edges)
+    action = act.encode_action(fluid_level, vaso_level)
+    last_step = (obs_rows.get_column("k") == obs_rows.get_column("n_steps") - 1).to_numpy()
+    reward = rew.rewards(
+        args.reward,
+        obs_rows.get_column("sofa").to_numpy(),
+        next_rows.get_column("sofa").to_numpy(),
+        obs_rows.get_column("lactate").to_numpy(),
+        next_rows.get_column("lactate").to_numpy(),
+        last_step,
+        obs_rows.get_column("died_90d").to_numpy(),
+    )
+    obs = normalise(obs_rows, stats)
+    next_obs = normalise(next_rows, stats)
+    names = feature_names()
+    frame = pl.DataFrame(
+        {
+            "episode_id": obs_rows.get_column("stay_id").cast(pl.Int64),
+            "t": obs_rows.get_column("k").cast(pl.Int32),
+            "obs": pl.Series("obs", obs, dtype=pl.Array(pl.Float32, len(names))),
+            "action": pl.Series("action", action, dtype=pl.Int32),
+            "reward": pl.Series("reward", reward, dtype=pl.Float32),
+            "next_obs": pl.Series("next_obs", next_obs, dtype=pl.Array(pl.Float32, len(names))),
+            "terminated": pl.Series("terminated", last_step, dtype=pl.Boolean),
+            "truncated": pl.Series("truncated", np.zeros(obs_rows.height, bool), dtype=pl.Boolean),
+            "split": obs_rows.get_column("split"),
+            "vaso_ne_eq": obs_rows.get_column("vaso_ne_eq").fill_null(0.0).cast(pl.Float32),
+            "fluid_ml": obs_rows.get_column("fluid_ml").fill_null(0.0).cast(pl.Float32),
+            "map_mmhg": obs_rows.get_column("map").cast(pl.Float32).fill_null(float("nan")),
+            "cvp_mmhg": obs_rows.get_column("cvp").cast(pl.Float32).fill_null(float("nan")),
+            "cum_balance_ml": obs_rows.get_column("cum_balance").cast(pl.Float32).fill_null(float("nan")),
+            "sofa": obs_rows.get_column("sofa").cast(pl.Float32).fill_null(float("nan")),
+        }
+    )
+    unit_of = feat.units()
+    meta = {
+        "obs_dim": len(names),
+        "n_actions": 25,
+        "feature_names": names,
+        "feature_units": {
+            n: unit_of.get(n.removesuffix("_missing"), "0/1") if not n.endswith("_missing") else "0/1"
+            for n in names
+        },
+        "normalisation": {
+            **stats,
+            **{f"{n}_missing": {"kind": "none", "mean": 0.0, "std": 1.0} for n in feat.FLAGGED},
+        },
+        "source": f"MIMIC-IV at {Path(args.mimic_dir).resolve()}",
+        "env_id": "mimic-iv-sepsis3",
+        "reward": {
+            "name": args.reward,
+            "formula": rew.DEFINITIONS[args.reward]["formula"],
+            "outcome": rew.OUTCOME,
+        },
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
+        "step_hours": step,
+        "window_hours": [args.window_start_hours, args.window_end_hours],
+        "action_bins": {
+            "vaso_edges": vaso_edges,
+            "fluid_edges": fluid_edges,
+            "vaso_unit": "ug/kg/min",
+            "fluid_unit": "mL per step",
+            "levels": "0 = none; 1-4 = quartiles of non-zero doses on the train split",
+        },
+        "cohort_counts": counts,
+        "alignment": ALIGNMENT,
+        "hold_hours": {m.name: m.hold_hours for m in feat.MEASURED},
+        "extras": {
+            "vaso_ne_eq": "max NE-equivalent rate in the action window, ug/kg/min",
+            "fluid_ml": "tonicity-adjusted IV fluid given in the action window, mL",
+            "map_mmhg": "last MAP charted before the window (within hold), mmHg",
+            "cvp_mmhg": "last CVP charted before the window (within hold), mmHg",
+            "cum_balance_ml": "IV fluid in minus urine out from ICU admission to the window start, mL",
+            "sofa": "SOFA of the state (24 h ending at the window start)",
+        },
+    }
+    cohort_table = episodes.select(
+        "stay_id",
+        "subject_id",
+        "hadm_id",
+        "intime",
+        "onset_time",
+        "si_time",
+        "abx_time",
+        "culture_time",
+        "sofa_at_onset",
+        "died_90d",
+        "n_steps",
+        "split",
+    ).sort("stay_id")
+    from cleansepsis.mimic import report
+
+    with atomic_dir(out, overwrite=args.overwrite) as tmp:
+        written = write_replay(tmp / "replay.parquet", frame, meta)
+        cohort_table.write_parquet(tmp / "cohort.parquet")
+        summary = report.write_report(tmp, written, frame, obs_rows, fluid_level, vaso_level)
+    say(f"wrote {out} ({frame.height} transitions, {episodes.height} episodes)")
+    return summary
+
+
+def main(args: MimicArgs) -> int:
+    """CLI entry: user errors end in one line on stderr and exit code 2, no traceback."""
+    from cleansepsis.io import OutputExistsError
+    from cleansepsis.replay import ReplayError
+
+    try:
+        run(args)
+    except (MimicInputError, OutputExistsError, ReplayError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

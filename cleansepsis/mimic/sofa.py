@@ -1,0 +1,190 @@
+"""Hourly SOFA as mimic-code `score/sofa.sql` computes it: the worst value of each measure in the hour, a
+component score per hour, then the maximum over the last 24 hours; a missing component counts 0.
+
+Component thresholds: /work/shared/docs/mimic-iv-reference.md §3. Simplifications, documented in docs/mimic.md:
+FiO2 is the last charted value within 12 h; ventilation is procedureevents 225792; urine output counts only
+from the 24th ICU hour on (mimic-code needs >= 22 h of observation).
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from cleansepsis.mimic import features as feat
+
+COMPONENTS = ("sofa_resp", "sofa_coag", "sofa_liver", "sofa_cv", "sofa_cns", "sofa_renal")
+HOURS_BEFORE_ICU = 24  # the hourly grid starts 24 h before ICU admission, as mimic-code `icustay_hourly`
+
+
+def _steps(value: pl.Expr, cuts: list[tuple[pl.Expr, int]]) -> pl.Expr:
+    """First matching (condition, score) from the worst score down; null when the value is unknown."""
+    expr = pl.when(value.is_null()).then(None)
+    for condition, score in cuts:
+        expr = expr.when(condition).then(score)
+    return expr.otherwise(0).cast(pl.Int8)
+
+
+def respiration(pf: pl.Expr, vent: pl.Expr) -> pl.Expr:
+    return _steps(pf, [((pf < 100) & vent, 4), ((pf < 200) & vent, 3), (pf < 300, 2), (pf < 400, 1)])
+
+
+def coagulation(platelets: pl.Expr) -> pl.Expr:
+    p = platelets
+    return _steps(p, [(p < 20, 4), (p < 50, 3), (p < 100, 2), (p < 150, 1)])
+
+
+def liver(bilirubin: pl.Expr) -> pl.Expr:
+    b = bilirubin
+    return _steps(b, [(b >= 12, 4), (b >= 6, 3), (b >= 2, 2), (b >= 1.2, 1)])
+
+
+def cardiovascular(map_min: pl.Expr, dopamine, dobutamine, epinephrine, norepinephrine) -> pl.Expr:
+    dopa, dobu, epi, ne = (x.fill_null(0.0) for x in (dopamine, dobutamine, epinephrine, norepinephrine))
+    any_drug = (dopa > 0) | (dobu > 0) | (epi > 0) | (ne > 0)
+    known = map_min.is_not_null() | any_drug
+    score = (
+        pl.when((dopa > 15) | (epi > 0.1) | (ne > 0.1))
+        .then(4)
+        .when((dopa > 5) | (epi > 0) | (ne > 0))
+        .then(3)
+        .when((dopa > 0) | (dobu > 0))
+        .then(2)
+        .when(map_min < 70)
+        .then(1)
+        .otherwise(0)
+    )
+    return pl.when(known).then(score).otherwise(None).cast(pl.Int8)
+
+
+def central_nervous(gcs: pl.Expr) -> pl.Expr:
+    g = gcs
+    return _steps(g, [(g < 6, 4), (g < 10, 3), (g < 13, 2), (g < 15, 1)])
+
+
+def renal(creatinine: pl.Expr, urine_24h: pl.Expr) -> pl.Expr:
+    cr, uo = creatinine, urine_24h
+    known = cr.is_not_null() | uo.is_not_null()
+    cr0, uo0 = cr.fill_null(0.0), uo.fill_null(1e9)
+    score = (
+        pl.when((cr0 >= 5) | (uo0 < 200))
+        .then(4)
+        .when((cr0 >= 3.5) | (uo0 < 500))
+        .then(3)
+        .when(cr0 >= 2)
+        .then(2)
+        .when(cr0 >= 1.2)
+        .then(1)
+        .otherwise(0)
+    )
+    return pl.when(known).then(score).otherwise(None).cast(pl.Int8)
+
+
+def gcs_total(eye: pl.Expr, verbal: pl.Expr, motor: pl.Expr) -> pl.Expr:
+    """Sum of the three components; an intubated verbal score (coded 0) gives 15, as mimic-code does."""
+    total = eye + verbal + motor
+    return pl.when(verbal == 0).then(pl.lit(15.0)).otherwise(total).cast(pl.Float32)
+
+
+def hourly_grid(
+    stays: pl.DataFrame,
+    measured: pl.DataFrame,
+    inputs: pl.DataFrame,
+    urine: pl.DataFrame,
+    vent: pl.DataFrame,
+) -> pl.DataFrame:
+    """Dense (stay_id, hour) grid from 24 h before ICU admission to discharge, with the hourly worst values,
+    treatments, cumulative fluid balance, the six SOFA components (24 h max) and `sofa`."""
+    grid = (
+        stays.select(
+            "stay_id",
+            pl.int_ranges(-HOURS_BEFORE_ICU, pl.col("out_h").ceil().cast(pl.Int32) + 1, dtype=pl.Int32).alias(
+                "hour"
+            ),
+        )
+        .explode("hour")
+        .sort("stay_id", "hour")
+    )
+    code = feat.FEATURE_CODE
+    worst = {
+        "pao2": ("min", "pao2_min"),
+        "fio2": ("max", "fio2_max"),
+        "platelets": ("min", "platelets_min"),
+        "bilirubin": ("max", "bilirubin_max"),
+        "map": ("min", "map_min"),
+        "creatinine": ("max", "creatinine_max"),
+        "gcs_eye": ("last", "gcs_eye"),
+        "gcs_verbal": ("last", "gcs_verbal"),
+        "gcs_motor": ("last", "gcs_motor"),
+    }
+    for name, (stat, column) in worst.items():
+        part = (
+            measured.filter(pl.col("feature") == code[name])
+            .group_by("stay_id", "hour")
+            .agg(
+                getattr(pl.col(stat), "min" if stat == "min" else "max")().alias(column)
+                if stat != "last"
+                else pl.col("last").sort_by("t_last").last().alias(column)
+            )
+        )
+        grid = grid.join(part, on=["stay_id", "hour"], how="left")
+    grid = (
+        grid.join(inputs, on=["stay_id", "hour"], how="left")
+        .join(urine, on=["stay_id", "hour"], how="left")
+        .join(vent, on=["stay_id", "hour"], how="left")
+        .sort("stay_id", "hour")
+    )
+    by_stay = "stay_id"
+    grid = grid.with_columns(
+        pl.col("fio2_max").forward_fill(limit=12).over(by_stay).alias("fio2_held"),
+        *(
+            pl.col(c).forward_fill(limit=6).over(by_stay).alias(c + "_held")
+            for c in ("gcs_eye", "gcs_verbal", "gcs_motor")
+        ),
+        pl.col("urine")
+        .fill_null(0.0)
+        .rolling_sum(window_size=24, min_samples=1)
+        .over(by_stay)
+        .alias("urine_24h"),
+        pl.col("vent").fill_null(0).cast(pl.Boolean).alias("vent"),
+        ((pl.col("fluid_raw").fill_null(0.0) - pl.col("urine").fill_null(0.0)) * (pl.col("hour") >= 0))
+        .cum_sum()
+        .over(by_stay)
+        .cast(pl.Float32)
+        .alias("cum_balance"),
+    )
+    pf = pl.col("pao2_min") / (pl.col("fio2_held") / 100.0)
+    gcs = gcs_total(pl.col("gcs_eye_held"), pl.col("gcs_verbal_held"), pl.col("gcs_motor_held"))
+    urine_24h = pl.when(pl.col("hour") >= 23).then(pl.col("urine_24h")).otherwise(None)
+    grid = grid.with_columns(
+        respiration(pf, pl.col("vent")).alias("sofa_resp"),
+        coagulation(pl.col("platelets_min")).alias("sofa_coag"),
+        liver(pl.col("bilirubin_max")).alias("sofa_liver"),
+        cardiovascular(
+            pl.col("map_min"),
+            pl.col("dopamine"),
+            pl.col("dobutamine"),
+            pl.col("epinephrine"),
+            pl.col("norepinephrine"),
+        ).alias("sofa_cv"),
+        central_nervous(gcs).alias("sofa_cns"),
+        renal(pl.col("creatinine_max"), urine_24h).alias("sofa_renal"),
+    )
+    grid = grid.with_columns(
+        pl.col(c).rolling_max(window_size=24, min_samples=1).over(by_stay).fill_null(0).cast(pl.Int8).alias(c)
+        for c in COMPONENTS
+    ).with_columns(pl.sum_horizontal(COMPONENTS).cast(pl.Int8).alias("sofa"))
+    keep = [
+        "stay_id",
+        "hour",
+        "fluid_tev",
+        "fluid_raw",
+        "urine",
+        "ne_eq",
+        "vent",
+        "cum_balance",
+        "sofa",
+        *COMPONENTS,
+    ]
+    return grid.select(keep).with_columns(
+        pl.col("fluid_tev", "fluid_raw", "urine").fill_null(0.0), pl.col("ne_eq").fill_null(0.0)
+    )

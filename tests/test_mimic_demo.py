@@ -1,0 +1,112 @@
+"""The MIMIC-IV pipeline end to end on the real open demo (100 patients, 140 ICU stays)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from cleansepsis.mimic import features as feat
+from cleansepsis.mimic.pipeline import MimicArgs, run
+from cleansepsis.replay import load_replay
+
+
+def demo_dir() -> Path:
+    env = os.environ.get("CLEANSEPSIS_MIMIC_DEMO")
+    path = (
+        Path(env)
+        if env
+        else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mimic-iv-demo-2.2"
+    )
+    if not (path / "icu" / "icustays.csv.gz").exists():
+        pytest.skip(f"MIMIC-IV demo not found at {path}; set CLEANSEPSIS_MIMIC_DEMO to its folder")
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "replay"
+    summary = run(MimicArgs(mimic_dir=demo_dir(), out=out, quiet=True))
+    return out, summary
+
+
+def test_cohort_counts_shrink_step_by_step(demo_out):
+    _, summary = demo_out
+    counts = summary["cohort_counts"]
+    assert counts["icu_stays"] == 140  # the demo's icustays table
+    assert counts["first_icu_stay"] == 100  # one first stay per patient
+    values = list(counts.values())
+    assert values == sorted(values, reverse=True), counts
+    assert 10 <= counts["sepsis3"] < counts["suspected_infection"] < counts["first_icu_stay"]
+
+
+def test_replay_loads_and_is_consistent(demo_out):
+    out, summary = demo_out
+    replay = load_replay(out / "replay.parquet")
+    meta = replay.meta
+    assert meta["n_episodes"] == summary["cohort_counts"]["with_a_step_in_icu"]
+    assert meta["obs_dim"] == len(meta["feature_names"]) == replay.data.obs.shape[1]
+    for key in ("step_hours", "window_hours", "action_bins", "cohort_counts", "alignment", "feature_units"):
+        assert key in meta
+    assert set(meta["normalisation"]) == set(meta["feature_names"])
+    # every episode ends in exactly one terminated step, and its steps are 0..n-1
+    frame = pl.read_parquet(out / "replay.parquet")
+    per_episode = frame.group_by("episode_id").agg(
+        pl.col("terminated").sum().alias("ends"), pl.col("t").max().alias("last"), pl.len().alias("n")
+    )
+    assert (per_episode["ends"] == 1).all()
+    assert (per_episode["last"] + 1 == per_episode["n"]).all()
+    # next_obs of step t is obs of step t+1
+    ordered = frame.sort("episode_id", "t")
+    same_episode = ordered["episode_id"][1:].to_numpy() == ordered["episode_id"][:-1].to_numpy()
+    obs, next_obs = np.stack(ordered["obs"].to_numpy()), np.stack(ordered["next_obs"].to_numpy())
+    np.testing.assert_array_equal(next_obs[:-1][same_episode], obs[1:][same_episode])
+    # mortality reward: +-1 at the end only
+    rewards = frame["reward"].to_numpy()
+    assert set(np.unique(rewards[frame["terminated"].to_numpy()])) <= {-1.0, 1.0}
+    assert (rewards[~frame["terminated"].to_numpy()] == 0).all()
+
+
+def test_splits_are_by_patient(demo_out):
+    out, _ = demo_out
+    cohort = pl.read_parquet(out / "cohort.parquet")
+    assert cohort.group_by("subject_id").agg(pl.col("split").n_unique())["split"].max() == 1
+    assert set(cohort["split"]) == {"train", "val", "test"}
+
+
+def test_feature_ranges_and_missingness_are_sane(demo_out):
+    out, _ = demo_out
+    report = json.loads((out / "report.json").read_text())
+    variables = report["variables"]
+    for m in feat.MEASURED:
+        if m.name.startswith("gcs_"):
+            continue
+        v = variables[m.name]
+        if v["min"] is not None:
+            assert m.low <= v["min"] <= v["max"] <= m.high, (m.name, v)
+    # vitals are charted at least hourly in the ICU: few states lack them
+    for name in ("hr", "map", "sbp", "rr", "spo2"):
+        assert variables[name]["missing_share"] < 0.25, (name, variables[name])
+    assert 3 <= variables["gcs"]["min"] and variables["gcs"]["max"] <= 15
+    assert 0 <= variables["sofa"]["min"] and variables["sofa"]["max"] <= 24
+    assert 18 <= variables["age"]["min"] and variables["age"]["max"] <= 100
+    assert (out / "action_heatmap.png").stat().st_size > 1000
+    hist = np.array(report["action_histogram_fluid_by_vaso"])
+    assert hist.sum() == report["n_transitions"]
+
+
+def test_extras_are_raw_units(demo_out):
+    out, _ = demo_out
+    replay = load_replay(out / "replay.parquet")
+    extras = replay.extras
+    for name in ("vaso_ne_eq", "fluid_ml", "map_mmhg", "cvp_mmhg", "cum_balance_ml", "sofa"):
+        assert extras[name].dtype == np.float32, name
+    assert np.nanmax(extras["map_mmhg"]) > 60  # mmHg, not z-scores
+    assert (extras["vaso_ne_eq"] >= 0).all() and (extras["fluid_ml"] >= 0).all()
+    # the action's vasopressor level is 0 exactly when no vasopressor was given in the window
+    vaso_level = np.asarray(replay.data.action) % 5
+    np.testing.assert_array_equal(vaso_level == 0, extras["vaso_ne_eq"] == 0)
