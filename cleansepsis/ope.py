@@ -1,0 +1,597 @@
+"""Off-policy evaluation in JAX: WIS, per-decision WIS, weighted doubly robust and fitted Q evaluation.
+
+Every estimate comes with a 95% interval from a bootstrap over EPISODES (ICU stays), never transitions:
+a resample is a vector of per-episode counts (how often each episode was drawn), and every estimator
+is written as a function of those counts, so `jax.vmap` runs all resamples at once and an episode's
+transitions always enter or leave a resample together.
+
+Conventions (see docs/evaluation.md):
+- rho_t = pi_e(a_t|s_t) / pi_b(a_t|s_t); w_{0:t} = prod_{k<=t} rho_k. After an episode ends its weight is
+  carried forward with reward 0 (the usual padding of per-decision estimators, Thomas 2015).
+- Clipping (optional) caps the cumulative weights w_{0:t} at `clip`; the report gives the largest weight
+  before clipping, the share of episode weights clipped, and the effective sample size
+  (sum w)^2 / sum w^2 of the final episode weights after clipping.
+- The target policy is softened before importance sampling: pi_soft = (1 - eps) pi + eps * uniform over
+  the admissible actions. Softening changes the policy being evaluated; the report states eps.
+- Truncated episodes: IS estimators use the observed return; WDR and FQE bootstrap the value of the last
+  next state, as the replay format intends for truncation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cleansepsis.replay import Transitions
+
+ESTIMATORS = ("wis", "pdwis", "wdr", "fqe")
+
+
+class OPEError(ValueError):
+    """Inputs that off-policy evaluation cannot use; the message says which and why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Episode layout: flat transitions -> padded (episodes, steps) arrays
+
+
+@dataclass(frozen=True)
+class EpisodeLayout:
+    """Where each (episode, step) of a padded array comes from in the flat transitions."""
+
+    rows: np.ndarray  # (E, T) int, index into the transitions, -1 for padding
+    lengths: np.ndarray  # (E,) int
+    first_rows: np.ndarray  # (E,) int, the t = 0 transition of each episode
+    last_rows: np.ndarray  # (E,) int, the final transition of each episode
+
+    @property
+    def n_episodes(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.rows >= 0
+
+    def pad(self, values: np.ndarray | jnp.ndarray, fill: float = 0.0) -> np.ndarray:
+        """(N, ...) per-transition values -> (E, T, ...) with `fill` in the padding."""
+        values = np.asarray(values)
+        out = values[np.maximum(self.rows, 0)]
+        mask = self.valid.reshape(self.valid.shape + (1,) * (values.ndim - 1))
+        return np.where(mask, out, np.asarray(fill, values.dtype))
+
+
+def episode_layout(episode_id: np.ndarray | jnp.ndarray, t: np.ndarray | jnp.ndarray) -> EpisodeLayout:
+    """Group transitions into episodes ordered by step; raise OPEError if an episode has gaps in t."""
+    episode_id, t = np.asarray(episode_id), np.asarray(t)
+    if episode_id.size == 0:
+        raise OPEError("no transitions to evaluate")
+    ids, index = np.unique(episode_id, return_inverse=True)
+    order = np.lexsort((t, index))
+    lengths = np.bincount(index, minlength=ids.size)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    step = np.arange(order.size) - np.repeat(starts, lengths)
+    sorted_t = t[order]
+    if np.any(sorted_t != step):
+        bad = int(np.flatnonzero(sorted_t != step)[0])
+        raise OPEError(
+            f"episode {ids[index[order[bad]]]} has steps {sorted(t[index == index[order[bad]]].tolist())[:10]}...; "
+            "off-policy evaluation needs every episode's steps 0, 1, 2, ... without gaps or repeats"
+        )
+    rows = np.full((ids.size, int(lengths.max())), -1, np.int64)
+    rows[index[order], step] = order
+    first = rows[:, 0]
+    last = rows[np.arange(ids.size), lengths - 1]
+    return EpisodeLayout(rows=rows, lengths=lengths, first_rows=first, last_rows=last)
+
+
+# ----------------------------------------------------------------------------------------------
+# Policies as probability tables over the logged states
+
+
+def soften(probs: np.ndarray, epsilon: float, action_mask: np.ndarray | None = None) -> np.ndarray:
+    """(1 - eps) * probs + eps * uniform over the admissible actions (all actions without a mask)."""
+    if not 0.0 <= epsilon < 1.0:
+        raise OPEError(f"softening epsilon must be in [0, 1); got {epsilon}")
+    probs = np.asarray(probs, np.float32)
+    mask = np.ones(probs.shape, bool) if action_mask is None else np.asarray(action_mask, bool)
+    uniform = mask / np.maximum(mask.sum(-1, keepdims=True), 1)
+    return (1.0 - epsilon) * probs + epsilon * uniform
+
+
+def greedy_probs(q_values: jnp.ndarray, action_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """One-hot of the argmax over admissible actions (lowest index wins ties)."""
+    q = jnp.asarray(q_values, jnp.float32)
+    if action_mask is not None:
+        q = jnp.where(jnp.asarray(action_mask, bool), q, -jnp.inf)
+    return jax.nn.one_hot(jnp.argmax(q, axis=-1), q.shape[-1], dtype=jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Importance-sampling estimators, each a function of per-episode bootstrap counts
+
+
+class ISInputs(eqx.Module):
+    """Padded per-episode arrays the importance-sampling estimators read. Padding: reward 0, rho 1."""
+
+    reward: jnp.ndarray  # (E, T)
+    rho: jnp.ndarray  # (E, T) per-step ratio pi_e / pi_b, 1 in padding
+    valid: jnp.ndarray  # (E, T) bool
+    q_logged: jnp.ndarray  # (E, T) model Q(s_t, a_t) for WDR, 0 in padding
+    v_state: jnp.ndarray  # (E, T) model V(s_t) = sum_a pi_e(a|s_t) Q(s_t, a), 0 in padding
+    v_tail: jnp.ndarray  # (E,) model V of the last next state for truncated episodes, else 0
+    gamma: float = eqx.field(static=True)
+    clip: float | None = eqx.field(static=True)
+
+
+def make_is_inputs(
+    layout: EpisodeLayout,
+    reward: np.ndarray,
+    target_prob_logged: np.ndarray,
+    behavior_prob: np.ndarray,
+    gamma: float,
+    clip: float | None = None,
+    q_logged: np.ndarray | None = None,
+    v_state: np.ndarray | None = None,
+    v_next: np.ndarray | None = None,
+    truncated: np.ndarray | None = None,
+) -> ISInputs:
+    """Build ISInputs from flat per-transition arrays (the model arrays are only needed for WDR)."""
+    behavior_prob = np.asarray(behavior_prob, np.float64)
+    if not np.all(np.isfinite(behavior_prob)) or np.any(behavior_prob <= 0):
+        bad = int(np.flatnonzero(~(np.isfinite(behavior_prob) & (behavior_prob > 0)))[0])
+        raise OPEError(
+            f"behaviour probability of transition {bad} is {behavior_prob[bad]}; it must be > 0 "
+            "(is the behaviour model missing, or does it give the logged action zero probability?)"
+        )
+    if clip is not None and clip <= 0:
+        raise OPEError(f"weight clip must be positive; got {clip}")
+    rho = np.asarray(target_prob_logged, np.float64) / behavior_prob
+    n = rho.shape[0]
+    zeros = np.zeros(n, np.float32)
+    q_logged = zeros if q_logged is None else q_logged
+    v_state = zeros if v_state is None else v_state
+    tail = np.zeros(layout.n_episodes, np.float32)
+    if v_next is not None and truncated is not None:
+        last = layout.last_rows
+        tail = np.where(np.asarray(truncated)[last], np.asarray(v_next)[last], 0.0)
+    return ISInputs(
+        reward=jnp.asarray(layout.pad(np.asarray(reward, np.float32)), jnp.float32),
+        rho=jnp.asarray(layout.pad(rho.astype(np.float32), 1.0), jnp.float32),
+        valid=jnp.asarray(layout.valid),
+        q_logged=jnp.asarray(layout.pad(np.asarray(q_logged, np.float32)), jnp.float32),
+        v_state=jnp.asarray(layout.pad(np.asarray(v_state, np.float32)), jnp.float32),
+        v_tail=jnp.asarray(tail, jnp.float32),
+        gamma=float(gamma),
+        clip=None if clip is None else float(clip),
+    )
+
+
+def _cumulative_weights(inputs: ISInputs) -> jnp.ndarray:
+    w = jnp.cumprod(inputs.rho, axis=1)  # (E, T), padding carries the final weight
+    return w if inputs.clip is None else jnp.minimum(w, inputs.clip)
+
+
+def _discounts(inputs: ISInputs) -> jnp.ndarray:
+    return inputs.gamma ** jnp.arange(inputs.reward.shape[1], dtype=jnp.float32)  # (T,)
+
+
+def wis(inputs: ISInputs, counts: jnp.ndarray) -> jnp.ndarray:
+    """Weighted importance sampling; NaN when every episode has weight zero."""
+    w_final = _cumulative_weights(inputs)[:, -1] * counts  # (E,)
+    returns = (inputs.reward * _discounts(inputs)).sum(axis=1)  # (E,)
+    total = w_final.sum()
+    return jnp.where(total > 0, (w_final * returns).sum() / jnp.where(total > 0, total, 1.0), jnp.nan)
+
+
+def _normalised_weights(inputs: ISInputs, counts: jnp.ndarray) -> jnp.ndarray:
+    w = _cumulative_weights(inputs) * counts[:, None]  # (E, T)
+    total = w.sum(axis=0, keepdims=True)  # (1, T)
+    return jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def pdwis(inputs: ISInputs, counts: jnp.ndarray) -> jnp.ndarray:
+    """Per-decision WIS: step t is normalised by the summed weights w_{0:t}; NaN if all w_0 are zero."""
+    w_hat = _normalised_weights(inputs, counts)
+    value = (_discounts(inputs) * (w_hat * inputs.reward).sum(axis=0)).sum()
+    return jnp.where(w_hat[:, 0].sum() > 0, value, jnp.nan)
+
+
+def wdr(inputs: ISInputs, counts: jnp.ndarray) -> jnp.ndarray:
+    """Weighted doubly robust (Thomas & Brunskill 2016) with a model Q, V (from FQE)."""
+    w_hat = _normalised_weights(inputs, counts)  # (E, T)
+    w_prev = jnp.concatenate([(counts / counts.sum())[:, None], w_hat[:, :-1]], axis=1)
+    per_step = w_hat * (inputs.reward - inputs.q_logged) + w_prev * inputs.v_state  # (E, T)
+    value = (_discounts(inputs) * per_step.sum(axis=0)).sum()
+    lengths = inputs.valid.sum(axis=1)
+    tail = (inputs.gamma**lengths) * w_hat[:, -1] * inputs.v_tail
+    return jnp.where(w_hat[:, 0].sum() > 0, value + tail.sum(), jnp.nan)
+
+
+def weight_stats(inputs: ISInputs) -> dict[str, float]:
+    """Largest weight before clipping, share of episode weights clipped, ESS after clipping."""
+    raw = np.asarray(jnp.cumprod(inputs.rho, axis=1)[:, -1], np.float64)
+    used = raw if inputs.clip is None else np.minimum(raw, inputs.clip)
+    total_sq = float((used**2).sum())
+    return {
+        "max_weight": float(raw.max()),
+        "share_clipped": 0.0 if inputs.clip is None else float((raw > inputs.clip).mean()),
+        "ess": float(used.sum() ** 2 / total_sq) if total_sq > 0 else 0.0,
+        "share_zero_weight": float((raw == 0).mean()),
+        "n_episodes": len(raw),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Bootstrap over episodes
+
+
+@jax.jit(static_argnames=("n_episodes", "n_resamples"))
+def bootstrap_counts(key: jax.Array, n_episodes: int, n_resamples: int) -> jnp.ndarray:
+    """(n_resamples, n_episodes) float counts: each resample draws n_episodes episodes with replacement."""
+    draws = jax.random.randint(key, (n_resamples, n_episodes), 0, n_episodes)
+    return jax.vmap(lambda d: jnp.bincount(d, length=n_episodes))(draws).astype(jnp.float32)
+
+
+def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap samples, ignoring NaN resamples (all weights zero)."""
+    samples = np.asarray(samples, np.float64)
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0:
+        return (float("nan"), float("nan"))
+    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
+    return (float(lo), float(hi))
+
+
+_IS_FUNCTIONS = {"wis": wis, "pdwis": pdwis, "wdr": wdr}
+
+
+@eqx.filter_jit
+def _bootstrap_is(inputs: ISInputs, counts: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    # the point estimate is the resample with every count 1, so each estimator is traced once
+    all_counts = jnp.concatenate([jnp.ones((1, counts.shape[1]), jnp.float32), counts])
+    out = {}
+    for name, fn in _IS_FUNCTIONS.items():
+        values = jax.vmap(lambda c, fn=fn: fn(inputs, c))(all_counts)
+        out[name], out[name + "_boot"] = values[0], values[1:]
+    return out
+
+
+def is_estimates(inputs: ISInputs, counts: jnp.ndarray, level: float = 0.95) -> dict[str, dict[str, Any]]:
+    """WIS, PDWIS and WDR point estimates with bootstrap intervals over the given episode counts."""
+    raw = _bootstrap_is(inputs, counts)
+    result = {}
+    for name in _IS_FUNCTIONS:
+        boot = np.asarray(raw[name + "_boot"])
+        lo, hi = interval(boot, level)
+        result[name] = {
+            "estimate": float(raw[name]),
+            "ci_low": lo,
+            "ci_high": hi,
+            "boot_std": float(np.nanstd(boot)) if np.isfinite(boot).any() else float("nan"),
+            "n_boot_nan": int((~np.isfinite(boot)).sum()),
+        }
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitted Q evaluation
+
+
+class FQEData(eqx.Module):
+    """Flat arrays FQE regresses on; probabilities are the target policy's (not softened)."""
+
+    action: jnp.ndarray  # (N,) int32
+    reward: jnp.ndarray  # (N,)
+    terminated: jnp.ndarray  # (N,) bool: no bootstrap after a terminal state; truncated steps bootstrap
+    next_probs: jnp.ndarray  # (N, A) target pi_e(.|s'_n)
+    episode: jnp.ndarray  # (N,) int32 in 0..E-1, for per-episode bootstrap counts
+    first_rows: jnp.ndarray  # (E,) int32, the t = 0 transition of each episode
+    first_probs: jnp.ndarray  # (E, A) target pi_e(.|s_0)
+
+
+def make_fqe_data(
+    data: Transitions, layout: EpisodeLayout, target_probs: np.ndarray, next_target_probs: np.ndarray
+) -> FQEData:
+    episode_of_row = np.zeros(data.size, np.int32)
+    episode_of_row[layout.rows[layout.valid]] = np.repeat(np.arange(layout.n_episodes), layout.lengths)
+    return FQEData(
+        action=jnp.asarray(data.action, jnp.int32),
+        reward=jnp.asarray(data.reward, jnp.float32),
+        terminated=jnp.asarray(data.terminated, bool),
+        next_probs=jnp.asarray(next_target_probs, jnp.float32),
+        episode=jnp.asarray(episode_of_row),
+        first_rows=jnp.asarray(layout.first_rows, jnp.int32),
+        first_probs=jnp.asarray(np.asarray(target_probs)[layout.first_rows], jnp.float32),
+    )
+
+
+def tabular_fqe(
+    fqe: FQEData,
+    state: jnp.ndarray,
+    next_state: jnp.ndarray,
+    n_states: int,
+    gamma: float,
+    counts: jnp.ndarray,
+    n_iterations: int,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """FQE with one-hot state features: each iteration is the exact weighted least-squares fit, i.e. the
+    mean target per (state, action). A pair never logged takes the mean target of its state (the
+    behaviour's value there), a state never logged the overall mean. Returns (value, Q (S, A)).
+
+    `counts` (E,) weights each episode (bootstrap); the value is the count-weighted mean of V(s_0)."""
+    n_actions = fqe.next_probs.shape[1]
+    weight = counts[fqe.episode]  # (N,)
+    pair = state * n_actions + fqe.action  # (N,)
+    pair_weight = jax.ops.segment_sum(weight, pair, n_states * n_actions)
+    state_weight = jax.ops.segment_sum(weight, state, n_states)
+    not_done = 1.0 - fqe.terminated.astype(jnp.float32)
+
+    def iterate(q: jnp.ndarray, _: None) -> tuple[jnp.ndarray, None]:
+        next_value = (fqe.next_probs * q[next_state]).sum(-1)  # (N,)
+        target = fqe.reward + gamma * not_done * next_value
+        pair_mean = jax.ops.segment_sum(weight * target, pair, n_states * n_actions) / jnp.maximum(pair_weight, 1e-12)
+        state_mean = jax.ops.segment_sum(weight * target, state, n_states) / jnp.maximum(state_weight, 1e-12)
+        overall = (weight * target).sum() / weight.sum()
+        fallback = jnp.where(state_weight > 0, state_mean, overall)  # (S,)
+        q_new = jnp.where(pair_weight > 0, pair_mean, jnp.repeat(fallback, n_actions)).reshape(n_states, n_actions)
+        return q_new, None
+
+    q, _ = jax.lax.scan(iterate, jnp.zeros((n_states, n_actions), jnp.float32), None, length=n_iterations)
+    v0 = (fqe.first_probs * q[state[fqe.first_rows]]).sum(-1)  # (E,)
+    return (counts * v0).sum() / counts.sum(), q
+
+
+@eqx.filter_jit
+def _tabular_fqe_bootstrap(fqe, state, next_state, n_states, gamma, counts, n_iterations):
+    ones = jnp.ones(fqe.first_rows.shape[0], jnp.float32)
+    value, q = tabular_fqe(fqe, state, next_state, n_states, gamma, ones, n_iterations)
+    # resamples in batches: each holds an (N, A) gather, so all at once would not fit in memory
+    batch = max(1, min(counts.shape[0], 50_000_000 // (state.shape[0] * fqe.next_probs.shape[1])))
+    boot = jax.lax.map(
+        lambda c: tabular_fqe(fqe, state, next_state, n_states, gamma, c, n_iterations)[0], counts, batch_size=batch
+    )
+    return value, q, boot
+
+
+def tabular_fqe_estimate(
+    fqe: FQEData,
+    state_index: np.ndarray,
+    next_state_index: np.ndarray,
+    n_states: int,
+    gamma: float,
+    counts: jnp.ndarray,
+    n_iterations: int = 100,
+    level: float = 0.95,
+) -> tuple[dict[str, Any], jnp.ndarray]:
+    """Tabular FQE with an interval from refitting on every episode resample. Returns (result, Q)."""
+    state = np.asarray(state_index)
+    next_state = np.asarray(next_state_index)
+    if state.min() < 0 or state.max() >= n_states:
+        raise OPEError(f"state_index outside 0..{n_states - 1}: tabular FQE needs a replay with state indices")
+    # a terminal next state is never bootstrapped, but must still index the table
+    next_state = np.clip(next_state, 0, n_states - 1)
+    value, q, boot = _tabular_fqe_bootstrap(
+        fqe, jnp.asarray(state), jnp.asarray(next_state), n_states, float(gamma), counts, n_iterations
+    )
+    boot = np.asarray(boot)
+    lo, hi = interval(boot, level)
+    result = {
+        "estimate": float(value),
+        "ci_low": lo,
+        "ci_high": hi,
+        "boot_std": float(np.std(boot)),
+        "features": "one-hot state_index (tabular)",
+        "n_iterations": n_iterations,
+        "interval": "refit on each episode resample",
+    }
+    return result, q
+
+
+class QNetwork(eqx.Module):
+    layers: list
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden: int, key: jax.Array):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.layers = [
+            eqx.nn.Linear(obs_dim, hidden, key=k1),
+            eqx.nn.Linear(hidden, hidden, key=k2),
+            eqx.nn.Linear(hidden, n_actions, key=k3),
+        ]
+
+    def __call__(self, obs: jnp.ndarray) -> jnp.ndarray:  # (obs_dim,) -> (A,)
+        x = obs
+        for layer in self.layers[:-1]:
+            x = jax.nn.relu(layer(x))
+        return self.layers[-1](x)
+
+
+@dataclass(frozen=True)
+class NeuralFQEConfig:
+    hidden: int = 128
+    n_iterations: int = 40
+    steps_per_iteration: int = 250
+    batch_size: int = 512
+    learning_rate: float = 1e-3
+
+
+def neural_fqe(
+    fqe: FQEData,
+    obs: jnp.ndarray,
+    next_obs: jnp.ndarray,
+    gamma: float,
+    key: jax.Array,
+    config: NeuralFQEConfig = NeuralFQEConfig(),
+) -> tuple[jnp.ndarray, QNetwork, jnp.ndarray]:
+    """FQE with an MLP: an outer scan of iterations, each regressing Q onto r + gamma * E_{a'~pi_e}
+    Q_k(s', a') (built from next_obs; terminated steps do not bootstrap) with an inner scan of Adam
+    steps on random minibatches. Returns (value, network, per-iteration loss)."""
+    init_key, train_key = jax.random.split(key)
+    model = QNetwork(obs.shape[1], fqe.next_probs.shape[1], config.hidden, init_key)
+    params, static = eqx.partition(model, eqx.is_array)
+    optimiser = optax.adam(config.learning_rate)
+    not_done = 1.0 - fqe.terminated.astype(jnp.float32)
+    n = obs.shape[0]
+
+    def q_all(p, x):
+        return jax.vmap(eqx.combine(p, static))(x)  # (B, A)
+
+    def loss_fn(p, idx, target):
+        q = q_all(p, obs[idx])
+        q_taken = jnp.take_along_axis(q, fqe.action[idx, None], axis=1)[:, 0]
+        return jnp.mean((q_taken - target) ** 2)
+
+    def outer(carry, key):
+        p, opt_state = carry
+        frozen = p
+
+        def inner(c, k):
+            p, opt_state = c
+            idx = jax.random.randint(k, (config.batch_size,), 0, n)
+            next_value = (fqe.next_probs[idx] * q_all(frozen, next_obs[idx])).sum(-1)
+            target = fqe.reward[idx] + gamma * not_done[idx] * next_value
+            loss, grads = jax.value_and_grad(loss_fn)(p, idx, target)
+            updates, opt_state = optimiser.update(grads, opt_state, p)
+            return (optax.apply_updates(p, updates), opt_state), loss
+
+        (p, opt_state), losses = jax.lax.scan(inner, (p, opt_state), jax.random.split(key, config.steps_per_iteration))
+        return (p, opt_state), losses.mean()
+
+    (params, _), losses = jax.lax.scan(
+        outer, (params, optimiser.init(params)), jax.random.split(train_key, config.n_iterations)
+    )
+    network = eqx.combine(params, static)
+    v0 = (fqe.first_probs * jax.vmap(network)(obs[fqe.first_rows])).sum(-1)
+    return v0.mean(), network, losses
+
+
+def neural_fqe_estimate(
+    fqe: FQEData,
+    obs: jnp.ndarray,
+    next_obs: jnp.ndarray,
+    gamma: float,
+    key: jax.Array,
+    counts: jnp.ndarray,
+    config: NeuralFQEConfig = NeuralFQEConfig(),
+    level: float = 0.95,
+) -> tuple[dict[str, Any], QNetwork]:
+    """Neural FQE. Refitting on every resample costs too much on a CPU, so the interval resamples
+    episodes' initial values V(s_0) under the one fitted Q: it omits the fit's own uncertainty."""
+    value, network, losses = eqx.filter_jit(neural_fqe)(fqe, obs, next_obs, gamma, key, config)
+    v0 = (fqe.first_probs * jax.vmap(network)(obs[fqe.first_rows])).sum(-1)
+    boot = np.asarray((counts * v0[None, :]).sum(1) / counts.sum(1))
+    lo, hi = interval(boot, level)
+    result = {
+        "estimate": float(value),
+        "ci_low": lo,
+        "ci_high": hi,
+        "boot_std": float(np.std(boot)),
+        "features": f"MLP on obs ({config.hidden}x2, relu)",
+        "n_iterations": config.n_iterations,
+        "steps_per_iteration": config.steps_per_iteration,
+        "final_loss": float(losses[-1]),
+        "interval": "episode resamples of V(s_0) under one fit (omits fit uncertainty)",
+    }
+    return result, network
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything for one target policy
+
+
+def off_policy_evaluation(
+    data: Transitions,
+    target_probs: np.ndarray,
+    next_target_probs: np.ndarray,
+    behavior_prob: np.ndarray,
+    *,
+    gamma: float,
+    epsilon: float = 0.01,
+    clip: float | None = None,
+    n_boot: int = 200,
+    key: jax.Array | None = None,
+    fqe: str = "auto",
+    n_states: int | None = None,
+    neural_config: NeuralFQEConfig = NeuralFQEConfig(),
+    action_mask: np.ndarray | None = None,
+    next_action_mask: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Estimate the value of the softened target policy with WIS, PDWIS, WDR and FQE.
+
+    target_probs / next_target_probs: (N, A) the target policy at obs / next_obs, before softening.
+    behavior_prob: (N,) the behaviour policy's probability of each logged action.
+    fqe: "tabular" (one-hot of data.state_index, needs n_states), "neural" (MLP on obs) or "auto"
+    (tabular when the data has state indices). All estimators see the same episode resamples.
+    """
+    if fqe not in ("auto", "tabular", "neural"):
+        raise OPEError(f"fqe must be 'auto', 'tabular' or 'neural'; got {fqe!r}")
+    n = data.size
+    target_probs, next_target_probs = np.asarray(target_probs), np.asarray(next_target_probs)
+    for name, arr in (("target_probs", target_probs), ("next_target_probs", next_target_probs)):
+        if arr.shape[0] != n or arr.ndim != 2:
+            raise OPEError(f"{name} has shape {arr.shape}; expected ({n}, n_actions)")
+    behavior_prob = np.asarray(behavior_prob)
+    if behavior_prob.shape != (n,):
+        raise OPEError(f"behavior_prob has shape {behavior_prob.shape}; expected ({n},)")
+    if not np.all(np.isfinite(behavior_prob) & (behavior_prob > 0)):
+        bad = int(np.flatnonzero(~(np.isfinite(behavior_prob) & (behavior_prob > 0)))[0])
+        raise OPEError(
+            f"behaviour probability of transition {bad} is {behavior_prob[bad]}; it must be > 0 "
+            "(is the behaviour model missing, or does it give the logged action zero probability?)"
+        )
+    key = jax.random.key(0) if key is None else key
+    layout = episode_layout(data.episode_id, data.t)
+    soft = np.asarray(soften(target_probs, epsilon, action_mask))
+    soft_next = np.asarray(soften(next_target_probs, epsilon, next_action_mask))
+    actions = np.asarray(data.action)
+    counts = bootstrap_counts(jax.random.fold_in(key, 0), layout.n_episodes, n_boot)
+
+    fqe_data = make_fqe_data(data, layout, soft, soft_next)
+    state_index = np.asarray(data.state_index)
+    use_tabular = fqe == "tabular" or (fqe == "auto" and n_states is not None and state_index.min() >= 0)
+    if use_tabular:
+        if n_states is None:
+            raise OPEError("tabular FQE needs n_states (the number of tabular states)")
+        fqe_result, q_table = tabular_fqe_estimate(
+            fqe_data, state_index, np.asarray(data.next_state_index), n_states, gamma, counts
+        )
+        q_obs = np.asarray(q_table)[state_index]
+        q_next = np.asarray(q_table)[np.clip(np.asarray(data.next_state_index), 0, n_states - 1)]
+    else:
+        fqe_result, network = neural_fqe_estimate(
+            fqe_data, data.obs, data.next_obs, gamma, jax.random.fold_in(key, 1), counts, neural_config
+        )
+        q_obs = np.asarray(jax.vmap(network)(data.obs))
+        q_next = np.asarray(jax.vmap(network)(data.next_obs))
+    v_state = (soft * q_obs).sum(-1)
+    v_next = (soft_next * q_next).sum(-1)
+    inputs = make_is_inputs(
+        layout,
+        np.asarray(data.reward),
+        soft[np.arange(n), actions],
+        behavior_prob,
+        gamma,
+        clip,
+        q_logged=q_obs[np.arange(n), actions],
+        v_state=v_state,
+        v_next=v_next,
+        truncated=np.asarray(data.truncated),
+    )
+    estimates = is_estimates(inputs, counts)
+    estimates["fqe"] = fqe_result
+    return {
+        "estimators": estimates,
+        "weights": weight_stats(inputs),
+        "epsilon": epsilon,
+        "clip": clip,
+        "gamma": gamma,
+        "n_boot": n_boot,
+        "n_episodes": layout.n_episodes,
+        "n_transitions": n,
+        "q_values": q_obs,  # (N, A) FQE's Q at the logged states, for figures; not JSON
+    }

@@ -1,0 +1,214 @@
+"""Off-policy estimators against values computed by hand, and the bootstrap over episodes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cleansepsis import ope
+from cleansepsis.replay import Transitions
+
+
+def make_transitions(episodes: list[list[tuple[int, int, float, int, bool]]], n_actions: int = 2) -> Transitions:
+    """episodes: per episode a list of (state, action, reward, next_state, terminated) steps."""
+    rows = [(e, t, *step) for e, steps in enumerate(episodes) for t, step in enumerate(steps)]
+    episode, t, state, action, reward, next_state, terminated = (np.array(c) for c in zip(*rows, strict=True))
+    n = len(rows)
+    obs = np.eye(8, dtype=np.float32)[state]
+    next_obs = np.eye(8, dtype=np.float32)[next_state]
+    return Transitions(
+        obs=jnp.asarray(obs),
+        action=jnp.asarray(action, jnp.int32),
+        reward=jnp.asarray(reward, jnp.float32),
+        next_obs=jnp.asarray(next_obs),
+        terminated=jnp.asarray(terminated.astype(bool)),
+        truncated=jnp.zeros(n, bool),
+        episode_id=jnp.asarray(episode, jnp.int32),
+        t=jnp.asarray(t, jnp.int32),
+        split=jnp.zeros(n, jnp.int8),
+        state_index=jnp.asarray(state, jnp.int32),
+        next_state_index=jnp.asarray(next_state, jnp.int32),
+        behavior_prob=jnp.full(n, 0.5, jnp.float32),
+        action_mask=jnp.ones((n, n_actions), bool),
+        next_action_mask=jnp.ones((n, n_actions), bool),
+    )
+
+
+# Two-step MDP: s0 -a0-> s1 (r 0), s0 -a1-> s2 (r 0.5); s1: a0 r 1, a1 r 0; s2: a0 r 0.2, a1 r 1; then the
+# terminal state 3. The behaviour is uniform and each of the 4 trajectories is logged once, so every
+# consistent estimator must return the exact value.
+REWARD = {(0, 0): 0.0, (0, 1): 0.5, (1, 0): 1.0, (1, 1): 0.0, (2, 0): 0.2, (2, 1): 1.0}
+
+
+def two_step_data() -> Transitions:
+    episodes = []
+    for a0 in (0, 1):
+        s1 = 1 + a0
+        for a1 in (0, 1):
+            episodes.append([(0, a0, REWARD[0, a0], s1, False), (s1, a1, REWARD[s1, a1], 3, True)])
+    return make_transitions(episodes)
+
+
+def table_policy(p_a0: dict[int, float]) -> np.ndarray:
+    table = np.full((8, 2), 0.5, np.float32)
+    for state, p in p_a0.items():
+        table[state] = (p, 1 - p)
+    return table
+
+
+def evaluate(data: Transitions, table: np.ndarray, gamma: float = 1.0, **kwargs) -> dict:
+    return ope.off_policy_evaluation(
+        data,
+        table[np.asarray(data.state_index)],
+        table[np.asarray(data.next_state_index)],
+        np.asarray(data.behavior_prob),
+        gamma=gamma,
+        epsilon=0.0,
+        n_boot=20,
+        n_states=8,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_every_estimator_gets_the_hand_computed_value_of_a_stochastic_policy(gamma):
+    table = table_policy({0: 0.8, 1: 0.9, 2: 0.3})
+    # by hand: 0.8 * (0 + g * 0.9) + 0.2 * (0.5 + g * (0.3 * 0.2 + 0.7 * 1))
+    exact = 0.8 * gamma * 0.9 + 0.2 * (0.5 + gamma * 0.76)
+    result = evaluate(two_step_data(), table, gamma)
+    for name in ope.ESTIMATORS:
+        assert result["estimators"][name]["estimate"] == pytest.approx(exact, abs=1e-5), name
+
+
+def test_deterministic_target_keeps_only_matching_trajectories():
+    table = table_policy({0: 1.0, 1: 1.0, 2: 0.0})  # a0 then a0: return 1
+    result = evaluate(two_step_data(), table)
+    for name in ope.ESTIMATORS:
+        assert result["estimators"][name]["estimate"] == pytest.approx(1.0, abs=1e-5), name
+    weights = result["weights"]
+    assert weights["share_zero_weight"] == pytest.approx(0.75)
+    assert weights["max_weight"] == pytest.approx(4.0)
+    assert weights["ess"] == pytest.approx(1.0)
+
+
+def test_one_step_episodes():
+    data = make_transitions([[(0, 0, 1.0, 3, True)], [(0, 1, 0.0, 3, True)], [(0, 0, 1.0, 3, True)]])
+    table = table_policy({0: 0.25})
+    # WIS: weights 0.5, 1.5, 0.5 on returns 1, 0, 1 -> 1 / 2.5
+    result = evaluate(data, table)
+    assert result["estimators"]["wis"]["estimate"] == pytest.approx(0.4, abs=1e-6)
+    assert result["estimators"]["pdwis"]["estimate"] == pytest.approx(0.4, abs=1e-6)
+    # FQE sees Q(s0, a0) = 1, Q(s0, a1) = 0, so 0.25 exactly; WDR corrects to the same model value
+    assert result["estimators"]["fqe"]["estimate"] == pytest.approx(0.25, abs=1e-6)
+    assert result["estimators"]["wdr"]["estimate"] == pytest.approx(0.25, abs=1e-6)
+
+
+def test_all_weights_zero_gives_nan_not_a_number_that_looks_real():
+    data = make_transitions([[(0, 1, 0.0, 3, True)], [(0, 1, 1.0, 3, True)]])
+    result = evaluate(data, table_policy({0: 1.0}))
+    assert np.isnan(result["estimators"]["wis"]["estimate"])
+    assert np.isnan(result["estimators"]["pdwis"]["estimate"])
+    assert result["weights"]["ess"] == 0.0
+
+
+def test_wis_and_per_decision_wis_differ_as_computed_by_hand():
+    data = make_transitions(
+        [
+            [(0, 0, 1.0, 1, False), (1, 0, 0.0, 3, True)],
+            [(0, 1, 0.0, 1, False), (1, 1, 0.0, 3, True)],
+        ]
+    )
+    table = table_policy({0: 0.75, 1: 0.9})
+    # rho: ep0 (1.5, 1.8) -> W 2.7, G 1; ep1 (0.5, 0.2) -> W 0.1, G 0
+    # WIS = 2.7 / 2.8; PDWIS: t0 (1.5 * 1) / 2.0 = 0.75, t1 0 / 2.8 = 0 -> 0.75
+    result = evaluate(data, table)
+    assert result["estimators"]["wis"]["estimate"] == pytest.approx(2.7 / 2.8, abs=1e-6)
+    assert result["estimators"]["pdwis"]["estimate"] == pytest.approx(0.75, abs=1e-6)
+    # clipping the cumulative weights at 1: ep0 (1, 1), ep1 (0.5, 0.1) -> WIS 1 / 1.1; PDWIS 1 / 1.5
+    result = evaluate(data, table, clip=1.0)
+    assert result["estimators"]["wis"]["estimate"] == pytest.approx(1 / 1.1, abs=1e-6)
+    assert result["estimators"]["pdwis"]["estimate"] == pytest.approx(1 / 1.5, abs=1e-6)
+    assert result["weights"]["share_clipped"] == pytest.approx(0.5)
+    assert result["weights"]["max_weight"] == pytest.approx(2.7)
+
+
+def test_softening_mixes_in_uniform_over_admissible_actions():
+    probs = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    mask = jnp.array([[True, True, False], [True, True, True]])
+    soft = np.asarray(ope.soften(probs, 0.1, mask))
+    np.testing.assert_allclose(soft, [[0.95, 0.05, 0.0], [0.1 / 3, 0.9 + 0.1 / 3, 0.1 / 3]], atol=1e-6)
+    with pytest.raises(ope.OPEError, match="epsilon"):
+        ope.soften(probs, 1.5)
+
+
+def test_episode_with_a_gap_in_steps_is_refused():
+    with pytest.raises(ope.OPEError, match="without gaps"):
+        ope.episode_layout(np.array([0, 0, 1]), np.array([0, 2, 0]))
+
+
+def test_zero_behaviour_probability_is_refused():
+    data = two_step_data()
+    with pytest.raises(ope.OPEError, match="behaviour probability"):
+        ope.off_policy_evaluation(
+            data, np.full((8, 2), 0.5), np.full((8, 2), 0.5), np.zeros(8), gamma=1.0, n_states=8
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Bootstrap over episodes
+
+
+def long_and_short_episodes(n_each: int) -> Transitions:
+    # long episodes: 10 steps of reward 0.1 (return 1); short ones: one step of reward 0 (return 0)
+    long = [[(0, 0, 0.1, 0, False)] * 9 + [(0, 0, 0.1, 3, True)]]
+    short = [[(0, 0, 0.0, 3, True)]]
+    return make_transitions((long + short) * n_each)
+
+
+def test_bootstrap_resamples_whole_episodes():
+    n_each = 200
+    data = long_and_short_episodes(n_each)
+    table = table_policy({0: 0.5})
+    layout = ope.episode_layout(data.episode_id, data.t)
+    inputs = ope.make_is_inputs(
+        layout, np.asarray(data.reward), np.full(data.size, 0.5), np.asarray(data.behavior_prob), 1.0
+    )
+    counts = ope.bootstrap_counts(jax.random.key(3), layout.n_episodes, 300)
+    assert counts.shape == (300, 2 * n_each)
+    np.testing.assert_array_equal(np.asarray(counts.sum(1)), 2 * n_each)
+    boot = np.asarray(jax.vmap(lambda c: ope.wis(inputs, c))(counts))
+    # each resample is a mean of whole-episode returns (0 or 1) over 400 episodes: a multiple of 1/400.
+    # Resampling transitions would mix 0.1-rewards from partial episodes and break this.
+    np.testing.assert_allclose(boot * 2 * n_each, np.round(boot * 2 * n_each), atol=1e-3)
+    # and its spread is the binomial one of 400 episodes, sqrt(0.25 / 400) = 0.025
+    assert 0.02 < boot.std() < 0.03
+    result = evaluate(data, table)
+    assert 0.02 < result["estimators"]["wis"]["boot_std"] < 0.03
+
+
+def test_a_resample_equals_the_estimate_on_the_duplicated_episodes():
+    table = table_policy({0: 0.8, 1: 0.9, 2: 0.3})
+    episodes = []
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        a0, a1 = rng.integers(0, 2, 2)
+        s1 = 1 + a0
+        episodes.append([(0, a0, REWARD[0, a0], s1, False), (s1, a1, REWARD[s1, a1], 3, True)])
+    data = make_transitions(episodes)
+    layout = ope.episode_layout(data.episode_id, data.t)
+
+    def inputs_for(d, lay):
+        probs = table[np.asarray(d.state_index), np.asarray(d.action)]
+        return ope.make_is_inputs(lay, np.asarray(d.reward), probs, np.asarray(d.behavior_prob), 1.0)
+
+    counts = np.asarray(ope.bootstrap_counts(jax.random.key(1), 12, 5))
+    for c in counts:
+        duplicated = make_transitions([ep for ep, k in zip(episodes, c, strict=True) for _ in range(int(k))])
+        dup_inputs = inputs_for(duplicated, ope.episode_layout(duplicated.episode_id, duplicated.t))
+        ones = jnp.ones(int(c.sum()))
+        for fn in (ope.wis, ope.pdwis):
+            assert float(fn(inputs_for(data, layout), jnp.asarray(c))) == pytest.approx(
+                float(fn(dup_inputs, ones)), abs=1e-6
+            )
