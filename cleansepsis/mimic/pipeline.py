@@ -364,9 +364,10 @@ def run(args: MimicArgs) -> dict:
     say(f"chartevents: {chart.height} stay-hour-variable aggregates")
     labs = events.lab_hourly(tables["hosp/labevents"], candidates)
     say(f"labevents: {labs.height} stay-hour-variable aggregates")
-    if chart.height == 0:
+    if chart.height + labs.height == 0:
         raise MimicInputError(
-            f"{tables['icu/chartevents'].path}: no rows with the needed itemids for the cohort's stays"
+            f"{tables['icu/chartevents'].path}, {tables['hosp/labevents'].path}: no rows with the needed "
+            "itemids for any stay with suspected infection; expected vitals and labs"
         )
     measured = pl.concat([chart, labs])
     del chart, labs

@@ -119,22 +119,28 @@ def header_columns(table: Table) -> list[str]:
     path = table.path
     if path.suffix == ".parquet":
         try:
-            return list(pl.read_parquet_schema(path).keys())
+            columns = list(pl.read_parquet_schema(path).keys())
+            rows = pl.scan_parquet(path).select(pl.len()).collect().item()
         except Exception as err:
             raise MimicInputError(f"{path}: not a readable parquet file ({err})") from None
+        if rows == 0:
+            raise MimicInputError(f"{path}: has no rows; expected a non-empty MIMIC-IV table")
+        return columns
     try:
         if path.name.endswith(".gz"):
             with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
-                line = handle.readline()
+                line, second = handle.readline(), handle.readline()
         else:
             with open(path, encoding="utf-8", newline="") as handle:
-                line = handle.readline()
+                line, second = handle.readline(), handle.readline()
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as err:
         raise MimicInputError(
             f"{path}: cannot be read as {'gzip ' if path.name.endswith('.gz') else ''}CSV ({err})"
         ) from None
     if not line.strip():
         raise MimicInputError(f"{path}: is empty; expected a CSV header with columns {list(table.columns)}")
+    if not second.strip():
+        raise MimicInputError(f"{path}: has a header but no rows; expected a non-empty MIMIC-IV table")
     return [c.strip().strip('"') for c in line.rstrip("\r\n").split(",")]
 
 
