@@ -95,7 +95,9 @@ def _parse_time(name: str, dtype: pl.DataType) -> pl.Expr:
     """Parse MIMIC timestamps ("2180-07-23 12:36:00") or dates strictly: a bad value stops the run."""
     if dtype == DATE:
         return pl.col(name).str.slice(0, 10).str.to_date("%Y-%m-%d", strict=True)
-    return pl.col(name).str.to_datetime(time_unit="us", strict=True)
+    # ISO "T" separators (as some exports write) are read like MIMIC's space
+    text = pl.col(name).str.replace("T", " ", literal=True)
+    return text.str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_unit="us", strict=True).alias(name)
 
 
 def find_table(mimic_dir: Path, key: str) -> Table:
@@ -176,16 +178,21 @@ def open_tables(mimic_dir: Path) -> dict[str, Table]:
     return tables
 
 
-def explain_polars_error(table: Table, err: Exception) -> MimicInputError:
-    """Turn a polars read/parse error into one line naming the file."""
-    text = str(err).strip().splitlines()
-    first = next((line for line in text if line.strip()), type(err).__name__)
-    lowered = str(err).lower()
-    if "gzip" in lowered or "deflate" in lowered or "decompress" in lowered or "eof" in lowered:
-        return MimicInputError(f"{table.path}: corrupt or truncated compressed file ({first})")
-    return MimicInputError(
-        f"{table.path}: cannot be read with the expected column types {dict((k, str(v)) for k, v in table.columns.items())} ({first})"
+def _type_name(dtype: pl.DataType) -> str:
+    return {INT: "integer", FLOAT: "number", STR: "text", TIME: "timestamp", DATE: "date"}.get(
+        dtype, str(dtype)
     )
+
+
+def explain_polars_error(table: Table, err: Exception) -> MimicInputError:
+    """Turn a polars read/parse error into one line naming the file (polars names the column and value)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(err).__name__
+    lowered = str(err).lower()
+    if any(word in lowered for word in ("gzip", "deflate", "decompress", "end of file", "eof")):
+        return MimicInputError(f"{table.path}: corrupt or truncated compressed file ({first})")
+    expected = ", ".join(f"{name}: {_type_name(dtype)}" for name, dtype in table.columns.items())
+    return MimicInputError(f"{table.path}: {first}; expected columns {expected}")
 
 
 def collect(table: Table, lf: pl.LazyFrame, streaming: bool = True) -> pl.DataFrame:
