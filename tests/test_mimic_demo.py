@@ -110,3 +110,41 @@ def test_extras_are_raw_units(demo_out):
     # the action's vasopressor level is 0 exactly when no vasopressor was given in the window
     vaso_level = np.asarray(replay.data.action) % 5
     np.testing.assert_array_equal(vaso_level == 0, extras["vaso_ne_eq"] == 0)
+
+
+def test_sepsis3_onset_of_hand_worked_stays(demo_out):
+    """Worked by hand from the demo's raw rows (t0 = ICU admission truncated to the hour).
+
+    Stay 31494479 (admitted 2141-12-17 10:24): cefazolin IV at 15:00; the MRSA screen at 14:27 lies in
+    (abx - 72 h, abx], so SI = 14:27. Hour 13:00-14:00 has platelets 101 (coagulation 1) only: SOFA 1. Hour
+    14:00-15:00 adds MAP 51 at 14:27 (cardiovascular 1; phenylephrine is not in SOFA): SOFA 2, so onset =
+    15:00. The window clips to the admission hour and ends at discharge (14:16 next day, 28.3 h): 8 steps.
+
+    Stay 30057454 (admitted 2171-11-14 10:06): cefazolin IV at 12:00; the MRSA screen at 10:44 gives SI =
+    10:44. Creatinine 1.7 (the day before, within 24 h of the grid) gives renal 1 and MAP 68 at 10:59
+    cardiovascular 1: SOFA 2 in the first hour, onset 11:00.
+    """
+    out, _ = demo_out
+    cohort = pl.read_parquet(out / "cohort.parquet")
+    first = cohort.filter(pl.col("stay_id") == 31494479).row(0, named=True)
+    assert str(first["abx_time"]) == "2141-12-17 15:00:00"
+    assert str(first["si_time"]) == "2141-12-17 14:27:00"
+    assert str(first["onset_time"]) == "2141-12-17 15:00:00"
+    assert first["sofa_at_onset"] == 2 and first["n_steps"] == 8
+    second = cohort.filter(pl.col("stay_id") == 30057454).row(0, named=True)
+    assert str(second["si_time"]) == "2171-11-14 10:44:00"
+    assert str(second["onset_time"]) == "2171-11-14 11:00:00"
+    assert second["sofa_at_onset"] == 2
+
+
+def test_bin_edges_come_from_the_train_split_only(demo_out):
+    out, _ = demo_out
+    replay = load_replay(out / "replay.parquet")
+    bins = replay.meta["action_bins"]
+    train = np.asarray(replay.data.split) == 0
+    for name, key in (("vaso_ne_eq", "vaso_edges"), ("fluid_ml", "fluid_edges")):
+        doses = replay.extras[name]
+        train_doses = doses[train & (doses > 0)]
+        np.testing.assert_allclose(bins[key], np.quantile(train_doses, [0.25, 0.5, 0.75]), rtol=1e-6)
+        all_doses = doses[doses > 0]
+        assert not np.allclose(bins[key], np.quantile(all_doses, [0.25, 0.5, 0.75]))

@@ -88,7 +88,9 @@ class TableWriter:
         self.fmt, self.parts, self.header = fmt, [], True
         self.handle = None
         if fmt == "csv.gz":
-            self.handle = gzip.open(self.path, "wb", compresslevel=1)
+            self.handle = gzip.GzipFile(
+                self.path, "wb", compresslevel=1, mtime=0
+            )  # mtime 0: same seed, same bytes
         elif fmt == "csv":
             self.handle = open(self.path, "wb")
 
