@@ -367,19 +367,136 @@ def step_autoreset(key: jax.Array, state: EnvState, action: jax.Array, params: E
     observation) and 'episode_length' (steps in the episode so far, including this one).
     """
     bits = jax.random.bits(key, (4,), jnp.uint32)
-    stepped, reward, terminated, truncated = _transition(bits[:2], state, action, params)
-    done = terminated | truncated
-    fresh = _sample_start(bits[2:], params)
-    new_state = EnvState(
-        state_index=jnp.where(done, fresh, stepped.state_index),
-        time=jnp.where(done, 0, stepped.time),
-    )
+    new_state, stepped, reward, terminated, truncated = _autoreset_transition(bits, state, action, params)
     info = {
         "next_state_index": stepped.state_index,
         "final_obs": observe(stepped.state_index, params),
         "episode_length": stepped.time,
     }
     return observe(new_state.state_index, params), new_state, reward, terminated, truncated, info
+
+
+def _autoreset_transition(bits, state: EnvState, action, params: EnvParams):
+    """Step with four random words (two for the transition, two for a reset); returns
+    (new_state, stepped_state_before_reset, reward, terminated, truncated)."""
+    stepped, reward, terminated, truncated = _transition(bits[:2], state, action, params)
+    done = terminated | truncated
+    fresh = _sample_start(bits[2:4], params)
+    new_state = EnvState(
+        state_index=jnp.where(done, fresh, stepped.state_index),
+        time=jnp.where(done, 0, stepped.time),
+    )
+    return new_state, stepped, reward, terminated, truncated
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batched rollouts of a tabular policy (for Monte Carlo checks and the ICU-Sepsis replay)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def policy_cdf(policy: jax.Array) -> jax.Array:
+    """Row-wise CDF (716, 25) of a policy for inverse-CDF sampling. The last entry is exactly 1 and
+    zero-probability actions get empty intervals, so they are never drawn."""
+    cdf = jnp.cumsum(jnp.asarray(policy, jnp.float32), axis=-1)
+    return cdf / cdf[..., -1:]
+
+
+def _sample_action(bits: jax.Array, cdf_row: jax.Array) -> jax.Array:
+    uniform = (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+    return jnp.sum(cdf_row[:-1] <= uniform).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("n_steps", "episodes_per_env"))
+def _rollout_chunk(key, state_index, time, episode_count, policy, cdf, params, n_steps, episodes_per_env):
+    """`n_steps` auto-reset steps of a batch of envs following a tabular policy, stacked as (n_steps, B)."""
+
+    def one_env(bits, state_index, time, count):
+        state = EnvState(state_index=state_index, time=time)
+        action = _sample_action(bits[0], cdf[state_index])
+        new_state, stepped, reward, terminated, truncated = _autoreset_transition(bits[1:], state, action, params)
+        done = terminated | truncated
+        record = {
+            "valid": count < episodes_per_env,
+            "episode": count,
+            "t": time,
+            "state_index": state_index,
+            "action": action,
+            "behavior_prob": policy[state_index, action],
+            "next_state_index": stepped.state_index,
+            "reward": reward,
+            "terminated": terminated,
+            "truncated": truncated,
+        }
+        return (new_state.state_index, new_state.time, count + done.astype(jnp.int32)), record
+
+    def body(carry, step_key):
+        state_index, time, count = carry
+        bits = jax.random.bits(step_key, (state_index.shape[0], 5), jnp.uint32)
+        return jax.vmap(one_env)(bits, state_index, time, count)
+
+    carry, records = jax.lax.scan(body, (state_index, time, episode_count), jax.random.split(key, n_steps))
+    return carry, records
+
+
+def rollout_episodes(
+    key: jax.Array,
+    policy: jax.Array,
+    params: EnvParams,
+    n_episodes: int,
+    n_envs: int = 8192,
+    chunk_steps: int = 64,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Run `n_episodes` complete episodes of a tabular policy (716, 25) in the JAX env.
+
+    A batch of `min(n_envs, n_episodes)` auto-resetting envs runs on the device in jitted scans of
+    `chunk_steps` steps until every env has finished its share (the first k episodes of each env, so no
+    episode is selected by its length); the records go to the host once. Returns numpy arrays, one entry
+    per transition, ordered by episode then step: episode (0..n_episodes-1), t, state_index, action,
+    behavior_prob, next_state_index, reward, terminated, truncated.
+    """
+    if n_episodes < 1:
+        raise ValueError(f"n_episodes must be at least 1, got {n_episodes}")
+    batch = min(int(n_envs), int(n_episodes))
+    per_env = -(-int(n_episodes) // batch)
+    policy = jnp.asarray(policy, jnp.float32)
+    cdf = policy_cdf(policy)
+    reset_key, key = jax.random.split(key)
+    start = jax.vmap(lambda k: _sample_start(jax.random.bits(k, (2,), jnp.uint32), params))(
+        jax.random.split(reset_key, batch)
+    )
+    carry = (start, jnp.zeros(batch, jnp.int32), jnp.zeros(batch, jnp.int32))
+    chunks = []
+    steps = 0
+    while True:
+        key, chunk_key = jax.random.split(key)
+        carry, records = _rollout_chunk(chunk_key, *carry, policy, cdf, params, chunk_steps, per_env)
+        chunks.append(records)
+        steps += chunk_steps
+        finished = int(jnp.sum(carry[2] >= per_env))
+        if progress:
+            print(f"rollout: {steps} steps, {finished}/{batch} envs done", file=sys.stderr, flush=True)
+        if finished == batch:
+            break
+        if steps > per_env * (int(params.max_steps) + 1):
+            raise RuntimeError("rollout did not finish; this cannot happen with a time limit")
+    host = jax.device_get(jax.tree.map(lambda *xs: jnp.concatenate(xs), *chunks))
+    # (T, B) -> (B, T): rows of one env in time order, so its episodes come in order too.
+    host = {k: np.ascontiguousarray(v.T).ravel() for k, v in host.items()}
+    env_index = np.repeat(np.arange(batch), host["valid"].size // batch)
+    episode = env_index * per_env + host.pop("episode")
+    keep = host.pop("valid") & (episode < n_episodes)
+    out = {"episode": episode[keep].astype(np.int64)}
+    out.update({k: v[keep] for k, v in host.items()})
+    return out
+
+
+def episode_summaries(rollout: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-episode return and length of a `rollout_episodes` result."""
+    n = int(rollout["episode"].max()) + 1
+    returns = np.bincount(rollout["episode"], weights=rollout["reward"], minlength=n)
+    lengths = np.bincount(rollout["episode"], minlength=n)
+    return returns, lengths
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -515,31 +632,55 @@ def _np_policy_evaluation(policy: np.ndarray, tx: np.ndarray, start: np.ndarray)
     return float(start[:n] @ solution[:, 0]), float(start[:n] @ solution[:, 1])
 
 
-def reference_values(params: EnvParams) -> dict[str, dict[str, float]]:
-    """Exact expected return (= survival probability) and mean episode length of the reference policies
-    under `params.strategy`, in float64 from the shipped arrays:
-    random (uniform over 25), random_admissible, clinician (as shipped), clinician_renormalised,
-    greedy_clinician (argmax of the renormalised clinician policy) and optimal."""
+def _np_optimal_policy(tx: np.ndarray, mask: np.ndarray, tol: float = 1e-12) -> np.ndarray:
+    """Policy iteration in float64 over admissible actions; one-hot (716, 25)."""
+    n = N_PATIENT_STATES
+    target = np.zeros(N_STATES)
+    target[SURVIVAL] = 1.0
+    action = np.argmax(np.where(mask, shipped_arrays()["expert_policy"], -np.inf), axis=1)
+    for _ in range(100):
+        p_pi = tx[np.arange(n), action[:n]]  # (713, 716)
+        values = np.zeros(N_STATES)
+        values[:n] = np.linalg.solve(np.eye(n) - p_pi[:, :n], p_pi[:, SURVIVAL])
+        q = tx @ (values + target)
+        best = np.argmax(np.where(mask, q, -np.inf), axis=1)
+        gain = q[np.arange(N_STATES), best] - q[np.arange(N_STATES), action]
+        improve = gain > tol
+        improve[n:] = False
+        if not improve.any():
+            break
+        action = np.where(improve, best, action)
+    return np.eye(N_ACTIONS)[action]
+
+
+@functools.cache
+def _reference_table(strategy: str) -> tuple[tuple[str, float, float], ...]:
     raw = shipped_arrays()
-    tx, start, mask = transition_matrix(params.strategy), raw["d_0"], raw["admissible_mask"]
+    tx, start, mask = transition_matrix(strategy), raw["d_0"], raw["admissible_mask"]
     clinician = raw["expert_policy"]
     renormalised = np.where(mask, clinician, 0.0)
     renormalised /= np.maximum(renormalised.sum(1, keepdims=True), 1e-300)
-    greedy_clinician = np.eye(N_ACTIONS)[np.argmax(np.where(mask, renormalised, -np.inf), axis=1)]
-    optimal = np.asarray(optimal_policy(params), np.float64)
     policies = {
         "random": np.full((N_STATES, N_ACTIONS), 1.0 / N_ACTIONS),
         "random_admissible": mask / mask.sum(1, keepdims=True),
         "clinician": clinician,
         "clinician_renormalised": renormalised,
-        "greedy_clinician": greedy_clinician,
-        "optimal": optimal,
+        "greedy_clinician": np.eye(N_ACTIONS)[np.argmax(np.where(mask, renormalised, -np.inf), axis=1)],
+        "optimal": _np_optimal_policy(tx, mask),
     }
-    table = {}
-    for name, policy in policies.items():
-        expected_return, mean_length = _np_policy_evaluation(policy, tx, start)
-        table[name] = {"expected_return": expected_return, "mean_length": mean_length}
-    return table
+    return tuple((name, *_np_policy_evaluation(policy, tx, start)) for name, policy in policies.items())
+
+
+def reference_values(params: EnvParams) -> dict[str, dict[str, float]]:
+    """Exact expected return (= survival probability) and mean episode length of the reference policies
+    under `params.strategy`, computed once per strategy in float64 from the shipped arrays:
+    random (uniform over 25), random_admissible, clinician (as shipped), clinician_renormalised,
+    greedy_clinician (argmax of the renormalised clinician policy) and optimal (policy iteration over
+    admissible actions)."""
+    return {
+        name: {"expected_return": expected_return, "mean_length": mean_length}
+        for name, expected_return, mean_length in _reference_table(params.strategy)
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -596,7 +737,7 @@ class ICUSepsisEnv(gymnasium.Env):
     def _info(self) -> dict[str, Any]:
         return {
             "admissible_actions": self._admissible[self._state].tolist(),
-            "state_vector": self._state_vectors[self._state],
+            "state_vector": self._state_vectors[self._state].copy(),
             "sofa_score": float(self._sofa[self._state]),
             "state_index": int(self._state),
         }

@@ -1,5 +1,6 @@
 """The JAX ICU-Sepsis env: exact values against the published figures, sampler, determinism, Gymnasium."""
 
+import gymnasium
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +22,14 @@ FACTS_TERMINATE = {
     "clinician_renormalised": 0.782014,
     "optimal": 0.875142,
 }
+
+
+_vmapped_step = jax.jit(jax.vmap(E.step, in_axes=(0, None, None, None)))
+
+
+@jax.jit
+def _draw_next(keys, state, action, params):
+    return _vmapped_step(keys, state, action, params)[1].state_index
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +88,136 @@ def test_unknown_options_raise():
         E.load_params(strategy="bogus")
     with pytest.raises(ValueError, match="'pixels'"):
         E.load_params(obs_mode="pixels")
+
+
+@pytest.mark.parametrize("strategy", ["mean", "terminate"])
+def test_monte_carlo_agrees_with_exact_values(strategy):
+    """100,000 episodes per policy: mean return and length within 3 standard errors of the exact values."""
+    params = E.load_params(strategy)
+    exact = E.reference_values(params)
+    policies = {
+        "random": E.random_policy(params),
+        "clinician": E.clinician_policy(params, renormalise=False),
+        "optimal": E.optimal_policy(params),
+    }
+    for seed, (name, policy) in enumerate(policies.items()):
+        rollout = E.rollout_episodes(jax.random.key(100 + seed), policy, params, 100_000)
+        returns, lengths = E.episode_summaries(rollout)
+        assert returns.size == 100_000
+        for sample, key in ((returns, "expected_return"), (lengths, "mean_length")):
+            standard_error = sample.std(ddof=1) / np.sqrt(sample.size)
+            assert abs(sample.mean() - exact[name][key]) < 3 * standard_error, (strategy, name, key)
+
+
+def test_sampler_matches_shipped_transitions(params):
+    """Chi-square goodness of fit of 200,000 next-state draws against tx_mat, for a few (state, action)."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    tx = E.shipped_arrays()["tx_mat"]
+    width_per_pair = (tx > 0).sum(-1)
+    widest = np.unravel_index(np.argmax(width_per_pair[: E.N_PATIENT_STATES]), width_per_pair.shape)
+    pairs = [(0, 0), (100, 12), (int(widest[0]), int(widest[1])), (712, 24)]
+    n = 200_000
+    keys = jax.random.split(jax.random.key(7), n)
+    for state_index, action in pairs:
+        state = E.EnvState(state_index=jnp.int32(state_index), time=jnp.int32(0))
+        counts = np.bincount(np.asarray(_draw_next(keys, state, action, params)), minlength=E.N_STATES)
+        expected = tx[state_index, action] * n
+        assert counts[expected == 0].sum() == 0, (state_index, action)
+        # Pool the rare next states so that every bin expects at least 5 draws.
+        rare = (expected > 0) & (expected < 5)
+        observed = np.append(counts[expected >= 5], counts[rare].sum())
+        wanted = np.append(expected[expected >= 5], expected[rare].sum())
+        keep = wanted > 0
+        p_value = scipy_stats.chisquare(observed[keep], wanted[keep] * observed.sum() / wanted[keep].sum()).pvalue
+        assert p_value > 1e-4, (state_index, action, p_value)
+
+
+def test_terminate_strategy_sends_inadmissible_actions_to_death(params_terminate):
+    mask = np.asarray(params_terminate.admissible_mask)
+    state_index = int(np.flatnonzero(~mask[: E.N_PATIENT_STATES].all(1))[0])
+    action = int(np.flatnonzero(~mask[state_index])[0])
+    state = E.EnvState(state_index=jnp.int32(state_index), time=jnp.int32(0))
+    keys = jax.random.split(jax.random.key(0), 64)
+    _, next_state, reward, terminated, _ = _vmapped_step(keys, state, action, params_terminate)
+    assert bool(jnp.all(next_state.state_index == E.DEATH)) and bool(jnp.all(terminated))
+    assert float(reward.sum()) == 0.0
+
+
+def test_vmap_over_keys_equals_python_loop(params):
+    keys = jax.random.split(jax.random.key(3), 8)
+
+    def episode(key, params):
+        reset_key, key = jax.random.split(key)
+        _, state = E.reset(reset_key, params)
+
+        def body(state, step_key):
+            _, state, reward, terminated, _, info = E.step_autoreset(step_key, state, 4, params)
+            return state, (info["next_state_index"], reward, terminated)
+
+        return jax.lax.scan(body, state, jax.random.split(key, 30))[1]
+
+    # params go in as arguments: closing over them would bake 100 MB of constants into each program.
+    batched = jax.jit(jax.vmap(episode, in_axes=(0, None)))(keys, params)
+    single = jax.jit(episode)
+    for i, key in enumerate(keys):
+        one = single(key, params)
+        for got, want in zip(batched, one, strict=True):
+            np.testing.assert_array_equal(got[i], want)
+    again = jax.jit(jax.vmap(episode, in_axes=(0, None)))(keys, params)
+    for got, want in zip(batched, again, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert len({tuple(np.asarray(batched[0][i])) for i in range(8)}) > 1  # different keys differ
+
+
+def test_observation_modes():
+    for mode, shape, dtype in (("vector", (E.OBS_DIM,), jnp.float32), ("onehot", (E.N_STATES,), jnp.float32),
+                               ("index", (), jnp.int32)):
+        p = E.load_params(obs_mode=mode)
+        obs, state = E.reset(jax.random.key(0), p)
+        assert obs.shape == shape and obs.dtype == dtype, mode
+        if mode == "vector":
+            np.testing.assert_array_equal(obs, p.state_vectors[state.state_index])
+    p = E.load_params()
+    np.testing.assert_array_equal(E.observe(jnp.int32(E.SURVIVAL), p), np.zeros(E.OBS_DIM))
+
+
+def test_step_autoreset_resets_after_terminal(params):
+    state = E.EnvState(state_index=jnp.int32(0), time=jnp.int32(3))
+    keys = jax.random.split(jax.random.key(1), 2000)
+    out = jax.jit(jax.vmap(E.step_autoreset, in_axes=(0, None, None, None)))(keys, state, 0, params)
+    _, new_state, reward, terminated, _, info = out
+    ended = np.asarray(terminated)
+    assert ended.any() and (~ended).any()
+    assert not bool(jnp.any(params.terminal[new_state.state_index]))  # always a live state afterwards
+    np.testing.assert_array_equal(np.asarray(new_state.time)[ended], 0)
+    np.testing.assert_array_equal(np.asarray(new_state.time)[~ended], 4)
+    np.testing.assert_array_equal(np.asarray(info["episode_length"]), 4)
+    np.testing.assert_array_equal(np.asarray(reward), np.asarray(info["next_state_index"]) == E.SURVIVAL)
+
+
+def test_truncation_at_max_steps():
+    p = E.load_params(max_steps=2)
+    state = E.EnvState(state_index=jnp.int32(0), time=jnp.int32(1))
+    _, _, _, terminated, truncated = _vmapped_step(jax.random.split(jax.random.key(0), 100), state, 0, p)
+    np.testing.assert_array_equal(np.asarray(truncated), ~np.asarray(terminated))
+
+
+def test_gymnasium_env_passes_check_env_and_make():
+    from gymnasium.utils.env_checker import check_env
+
+    for mode in E.OBS_MODES:
+        check_env(E.ICUSepsisEnv(obs_mode=mode), skip_render_check=True)
+    env = gymnasium.make(E.ENV_ID, strategy="terminate")
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (E.OBS_DIM,)
+    assert set(info) >= {"admissible_actions", "state_vector", "sofa_score"}
+    returns = []
+    for episode in range(300):
+        obs, info = env.reset(seed=episode)
+        done, total = False, 0.0
+        while not done:
+            obs, reward, terminated, truncated, info = env.step(info["admissible_actions"][0])
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+    assert 0.5 < np.mean(returns) < 1.0  # admissible actions only: no instant deaths under 'terminate'

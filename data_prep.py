@@ -1,0 +1,43 @@
+"""Build cleansepsis replays (parquet, see cleansepsis/replay.py) from a data source.
+
+    python data_prep.py icu-sepsis --episodes 10000 --seed 0 --out data/icu_sepsis.parquet
+
+Each subcommand is an Args dataclass (its fields become the flags) and a function that builds and writes
+the replay; adding a source is one entry in SUBCOMMANDS.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tyro
+
+from cleansepsis.icu_replay import IcuSepsisArgs, build_icu_sepsis
+from cleansepsis.io import OutputExistsError
+from cleansepsis.replay import ReplayError
+
+# name -> (Args dataclass, builder taking an Args instance)
+SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "icu-sepsis": (IcuSepsisArgs, build_icu_sepsis),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = tyro.extras.subcommand_cli_from_dict(
+        {name: args_type for name, (args_type, _) in SUBCOMMANDS.items()},
+        args=argv,
+        description=__doc__.splitlines()[0],
+    )
+    build = next(builder for args_type, builder in SUBCOMMANDS.values() if isinstance(args, args_type))
+    try:
+        build(args)
+    except (OutputExistsError, ReplayError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
