@@ -1,0 +1,272 @@
+"""ICU-Sepsis in JAX: the env API, its registration with Gymnasium, and a small CLI.
+
+    python env_sepsis.py baselines [--json]   # exact return and length of the reference policies
+    python env_sepsis.py bench [--json]       # steps/s of the JAX env vs the reference icu-sepsis env
+
+Importing this file (or `cleansepsis.env`) registers "CleanSepsis/ICUSepsis-v0" with Gymnasium. The
+implementation lives in cleansepsis/env.py; this file re-exports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import statistics
+import sys
+import time
+import warnings
+from functools import partial
+from typing import Annotated
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
+
+from cleansepsis.env import (  # re-exported API
+    ABSORBING,
+    DEATH,
+    ENV_ID,
+    FEATURE_NAMES,
+    N_ACTIONS,
+    N_PATIENT_STATES,
+    N_STATES,
+    OBS_DIM,
+    STRATEGIES,
+    SURVIVAL,
+    EnvParams,
+    EnvState,
+    ICUSepsisEnv,
+    clinician_policy,
+    greedy_admissible,
+    load_params,
+    observe,
+    optimal_policy,
+    policy_evaluation,
+    random_policy,
+    reference_values,
+    reset,
+    rollout_episodes,
+    step,
+    step_autoreset,
+    value_iteration,
+)
+
+__all__ = [
+    "ABSORBING",
+    "DEATH",
+    "ENV_ID",
+    "FEATURE_NAMES",
+    "N_ACTIONS",
+    "N_PATIENT_STATES",
+    "N_STATES",
+    "OBS_DIM",
+    "SURVIVAL",
+    "EnvParams",
+    "EnvState",
+    "ICUSepsisEnv",
+    "clinician_policy",
+    "greedy_admissible",
+    "load_params",
+    "observe",
+    "optimal_policy",
+    "policy_evaluation",
+    "random_policy",
+    "reference_values",
+    "reset",
+    "rollout_episodes",
+    "step",
+    "step_autoreset",
+    "value_iteration",
+]
+
+JsonFlag = Annotated[bool, tyro.conf.arg(name="json")]
+
+POLICY_LABELS = {
+    "random": "uniform random over 25 actions",
+    "random_admissible": "uniform random over admissible actions",
+    "clinician": "clinician (as shipped)",
+    "clinician_renormalised": "clinician renormalised to admissible",
+    "greedy_clinician": "greedy clinician (argmax, admissible)",
+    "optimal": "optimal (policy iteration, admissible)",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# baselines
+# ---------------------------------------------------------------------------------------------------------
+
+
+def baseline_table() -> dict[str, dict[str, dict[str, float]]]:
+    """strategy -> policy -> expected_return, mean_length (float64) and expected_return_float32 (the
+    jitted float32 `policy_evaluation` of the same policy)."""
+    table = {}
+    evaluate = jax.jit(policy_evaluation)
+    for strategy in STRATEGIES:
+        params = load_params(strategy)
+        exact = reference_values(params)
+        mask = params.admissible_mask
+        renormalised = clinician_policy(params)
+        policies = {
+            "random": random_policy(params),
+            "random_admissible": random_policy(params, admissible_only=True),
+            "clinician": clinician_policy(params, renormalise=False),
+            "clinician_renormalised": renormalised,
+            "greedy_clinician": greedy_admissible(renormalised, mask),
+            "optimal": optimal_policy(params),
+        }
+        for name, policy in policies.items():
+            exact[name]["expected_return_float32"] = float(evaluate(policy, params)[0])
+        table[strategy] = exact
+    return table
+
+
+def baselines(json_output: JsonFlag = False) -> None:
+    """Exact expected return (= survival probability, gamma 1) and mean episode length of the reference
+    policies under both inadmissible-action strategies.
+
+    Args:
+        json_output: print JSON instead of a table.
+    """
+    table = baseline_table()
+    if json_output:
+        print(json.dumps(table, indent=2, sort_keys=True))
+        return
+    for strategy, rows in table.items():
+        print(f"strategy '{strategy}'")
+        print(f"  {'policy':42s} {'return':>9s} {'length':>7s} {'float32 jit':>12s}")
+        for name, row in rows.items():
+            print(
+                f"  {POLICY_LABELS[name]:42s} {row['expected_return']:9.6f} {row['mean_length']:7.3f} "
+                f"{row['expected_return_float32']:12.6f}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------------------
+
+
+@partial(jax.jit, static_argnames=("n_steps",))
+def _jax_rollout(key, state: EnvState, params: EnvParams, n_steps: int):
+    """`n_steps` steps of a batch of auto-resetting envs with uniform random actions, through the public
+    `step_autoreset`; returns the final state and checksums so that nothing is optimised away."""
+
+    def body(carry, step_key):
+        state, reward_sum, obs_sum = carry
+        action_key, step_key = jax.random.split(step_key)
+        batch = state.state_index.shape[0]
+        actions = jax.random.randint(action_key, (batch,), 0, N_ACTIONS)
+        obs, state, reward, _, _, _ = jax.vmap(step_autoreset, in_axes=(0, 0, 0, None))(
+            jax.random.split(step_key, batch), state, actions, params
+        )
+        return (state, reward_sum + reward.sum(), obs_sum + obs.sum()), None
+
+    zero = jnp.zeros((), jnp.float32)
+    obs_zero = jnp.zeros((), jnp.int32 if params.obs_mode == "index" else jnp.float32)
+    (state, reward_sum, obs_sum), _ = jax.lax.scan(body, (state, zero, obs_zero), jax.random.split(key, n_steps))
+    return state, reward_sum, obs_sum
+
+
+def bench_jax(n_envs: int, n_steps: int, repeats: int, obs_mode: str = "index") -> list[float]:
+    """Env steps per second of the JAX env, one figure per repeat (after one compile run)."""
+    params = load_params(obs_mode=obs_mode)
+    keys = jax.random.split(jax.random.key(0), n_envs)
+    _, state = jax.vmap(reset, in_axes=(0, None))(keys, params)
+    jax.block_until_ready(_jax_rollout(jax.random.key(1), state, params, n_steps))
+    rates = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        out = _jax_rollout(jax.random.key(2 + i), state, params, n_steps)
+        jax.block_until_ready(out)
+        rates.append(n_envs * n_steps / (time.perf_counter() - start))
+    return rates
+
+
+def _reference_env_class():
+    """icu_sepsis.envs.sepsis.ICUSepsisEnv, imported with its legacy-gym warnings silenced."""
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(
+        io.StringIO()
+    ):
+        warnings.simplefilter("ignore")
+        from icu_sepsis.envs.sepsis import ICUSepsisEnv as ReferenceEnv
+    return ReferenceEnv
+
+
+def bench_reference(n_steps: int, repeats: int) -> list[float]:
+    """Env steps per second of the reference icu-sepsis Gymnasium env in a Python loop, random actions."""
+    env = _reference_env_class()()
+    actions = np.random.default_rng(0).integers(0, 5, size=(n_steps, 2))
+    rates = []
+    for _ in range(repeats):
+        env.reset(seed=0)
+        start = time.perf_counter()
+        for action in actions:
+            _, _, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
+                env.reset()
+        rates.append(n_steps / (time.perf_counter() - start))
+    return rates
+
+
+def bench_results(n_envs: int, n_steps: int, repeats: int, reference_steps: int) -> dict[str, float]:
+    reference = bench_reference(reference_steps, repeats)
+    jax_index = bench_jax(n_envs, n_steps, repeats, obs_mode="index")
+    jax_vector = bench_jax(n_envs, n_steps, repeats, obs_mode="vector")
+    with open("/proc/loadavg") if sys.platform.startswith("linux") else contextlib.nullcontext() as f:
+        load = float(f.read().split()[0]) if f else float("nan")
+    result = {
+        "reference_steps_per_s": statistics.median(reference),
+        "jax_index_steps_per_s": statistics.median(jax_index),
+        "jax_vector_steps_per_s": statistics.median(jax_vector),
+        "n_envs": n_envs,
+        "n_steps": n_steps,
+        "repeats": repeats,
+        "load_average_1min": load,
+    }
+    result["ratio_index"] = result["jax_index_steps_per_s"] / result["reference_steps_per_s"]
+    result["ratio_vector"] = result["jax_vector_steps_per_s"] / result["reference_steps_per_s"]
+    return result
+
+
+def bench(
+    json_output: JsonFlag = False,
+    n_envs: int = 8192,
+    n_steps: int = 500,
+    repeats: int = 5,
+    reference_steps: int = 20_000,
+) -> None:
+    """Steps per second of the JAX env (a vmapped batch of auto-resetting envs in `lax.scan`, random
+    actions) and of the reference icu-sepsis env (Python loop), measured in the same run; medians over
+    repeats and their ratio.
+
+    Args:
+        json_output: print JSON instead of text.
+        n_envs: JAX envs stepped together.
+        n_steps: scan steps per timed JAX run.
+        repeats: timed runs of each env (the median is reported).
+        reference_steps: steps per timed run of the reference env.
+    """
+    result = bench_results(n_envs, n_steps, repeats, reference_steps)
+    if json_output:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return
+    print(f"reference icu-sepsis env (Python loop): {result['reference_steps_per_s']:>12,.0f} steps/s")
+    print(f"JAX env, {n_envs} envs, obs index:       {result['jax_index_steps_per_s']:>12,.0f} steps/s "
+          f"({result['ratio_index']:.0f}x)")
+    print(f"JAX env, {n_envs} envs, obs vector:      {result['jax_vector_steps_per_s']:>12,.0f} steps/s "
+          f"({result['ratio_vector']:.0f}x)")
+    print(f"medians of {repeats} runs; 1-minute load average {result['load_average_1min']:.1f} on "
+          f"{jax.local_device_count()} device(s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    tyro.extras.subcommand_cli_from_dict(
+        {"baselines": baselines, "bench": bench}, args=argv, description=__doc__.splitlines()[0]
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
