@@ -46,6 +46,7 @@ LAB_PANEL = (
 )  # fmt: skip
 FILLER_CHART_IDS = np.arange(223000, 223000 + 400)  # documentation items the pipeline never reads
 FILLER_LAB_IDS = np.arange(52000, 52080)  # not a lab id the pipeline reads
+TEXT_VALUES = ("Yes", "No", "Normal", "Intact", "Clean", "Dry", "Present", "None", "Within Normal Limits")
 ANTIBIOTICS = ("Vancomycin", "Piperacillin-Tazobactam", "CefePIME", "Meropenem", "CeftriaXONE")
 OTHER_DRUGS = ("Heparin", "Insulin", "Acetaminophen", "Pantoprazole", "Docusate Sodium", "Furosemide")
 
@@ -228,11 +229,13 @@ def _chunk(rng: np.random.Generator, first_stay: int, n: int, scale: float) -> d
             filler_stay,
             filler_t,
             rng.choice(FILLER_CHART_IDS, n_filler),
-            np.round(rng.random(n_filler) * 100, 1),
+            # documentation items are mostly text (no valuenum) or small counts, as in MIMIC-IV
+            np.where(rng.random(n_filler) < 0.6, np.nan, rng.integers(0, 20, n_filler)),
         )
     )
     s = np.concatenate([p[0] for p in parts])
     t = np.concatenate([p[1] for p in parts])
+    t = t - t % 60  # charted to the minute
     order = np.lexsort((t, s))
     s, t = s[order], t[order]
     itemid = np.concatenate([p[2] for p in parts])[order]
@@ -246,9 +249,13 @@ def _chunk(rng: np.random.Generator, first_stay: int, n: int, scale: float) -> d
             "charttime": _times(t),
             "storetime": _times(t + 300),
             "itemid": itemid,
-            "value": pl.Series(valuenum).cast(pl.String),
-            "valuenum": valuenum,
-            "valueuom": ["unit"] * s.size,
+            "value": pl.Series(valuenum, nan_to_null=True)
+            .cast(pl.String)
+            .fill_null(pl.Series(rng.choice(TEXT_VALUES, s.size))),
+            "valuenum": pl.Series(valuenum, nan_to_null=True),
+            "valueuom": pl.select(
+                pl.when(pl.lit(pl.Series(~np.isnan(valuenum)))).then(pl.lit("unit"))
+            ).to_series(),
             "warning": pl.Series([0] * s.size, dtype=pl.Int64),
         }
     )
@@ -275,10 +282,16 @@ def _chunk(rng: np.random.Generator, first_stay: int, n: int, scale: float) -> d
         intime[lf_stay] - 24 * 3600 + (rng.random(n_lab_filler) * lab_span[lf_stay] * 3600).astype(np.int64)
     )
     lab_parts.append(
-        (lf_stay, lf_t, rng.choice(FILLER_LAB_IDS, n_lab_filler), np.round(rng.random(n_lab_filler) * 50, 2))
+        (
+            lf_stay,
+            lf_t,
+            rng.choice(FILLER_LAB_IDS, n_lab_filler),
+            np.round(rng.gamma(2.0, 5.0, n_lab_filler), 1),
+        )
     )
     ls = np.concatenate([p[0] for p in lab_parts])
     lt = np.concatenate([p[1] for p in lab_parts])
+    lt = lt - lt % 60
     lorder = np.lexsort((lt, ls))
     ls, lt = ls[lorder], lt[lorder]
     lvalue = np.concatenate([p[3] for p in lab_parts]).astype(np.float64)[lorder]
