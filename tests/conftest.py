@@ -1,0 +1,61 @@
+"""Shared test fixtures: a tiny hand-made replay (no JAX) and a small ICU-Sepsis clinician replay."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+OBS_DIM, N_ACTIONS = 3, 25
+
+
+def make_tiny_replay(n_episodes: int = 4, steps: int = 3, seed: int = 0) -> tuple[pl.DataFrame, dict]:
+    """A valid replay of `n_episodes` x `steps` transitions with random observations, and its metadata."""
+    rng = np.random.default_rng(seed)
+    n = n_episodes * steps
+    episode = np.repeat(np.arange(n_episodes), steps)
+    t = np.tile(np.arange(steps), n_episodes)
+    last = t == steps - 1
+    frame = pl.DataFrame(
+        [
+            pl.Series("episode_id", episode, pl.Int64),
+            pl.Series("t", t, pl.Int32),
+            pl.Series("obs", rng.normal(size=(n, OBS_DIM)).astype(np.float32), pl.Array(pl.Float32, OBS_DIM)),
+            pl.Series("action", rng.integers(0, N_ACTIONS, n), pl.Int32),
+            pl.Series("reward", last.astype(np.float32), pl.Float32),
+            pl.Series("next_obs", rng.normal(size=(n, OBS_DIM)).astype(np.float32), pl.Array(pl.Float32, OBS_DIM)),
+            pl.Series("terminated", last, pl.Boolean),
+            pl.Series("truncated", np.zeros(n, bool), pl.Boolean),
+            pl.Series("split", np.where(episode == n_episodes - 1, "test", "train"), pl.String),
+        ]
+    )
+    meta = {
+        "obs_dim": OBS_DIM,
+        "n_actions": N_ACTIONS,
+        "feature_names": [f"x{i}" for i in range(OBS_DIM)],
+        "normalisation": "none (test data)",
+        "source": "tests",
+        "env_id": None,
+        "reward": "1 at the last step",
+        "args": {"seed": seed},
+    }
+    return frame, meta
+
+
+@pytest.fixture
+def tiny_replay() -> tuple[pl.DataFrame, dict]:
+    return make_tiny_replay()
+
+
+@pytest.fixture
+def tiny_replay_factory():
+    """`make_tiny_replay` itself, for tests that need several different replays."""
+    return make_tiny_replay
+
+
+@pytest.fixture(scope="session")
+def icu_replay_small() -> tuple[pl.DataFrame, dict]:
+    """200 clinician episodes on ICU-Sepsis (seed 0), with 20% val and 20% test episodes."""
+    from cleansepsis.icu_replay import make_clinician_replay
+
+    return make_clinician_replay(200, seed=0, val_frac=0.2, test_frac=0.2)
