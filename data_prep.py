@@ -16,11 +16,17 @@ import tyro
 
 from cleansepsis.icu_replay import IcuSepsisArgs, build_icu_sepsis
 from cleansepsis.io import OutputExistsError
+from cleansepsis.mimic.pipeline import MimicArgs
+from cleansepsis.mimic.pipeline import run as build_mimic
+from cleansepsis.mimic.synth import SynthArgs
+from cleansepsis.mimic.synth import generate as build_synth
 from cleansepsis.replay import ReplayError
 
 # name -> (Args dataclass, builder taking an Args instance)
 SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "icu-sepsis": (IcuSepsisArgs, build_icu_sepsis),
+    "mimic": (MimicArgs, build_mimic),
+    "synth": (SynthArgs, build_synth),
 }
 
 
