@@ -406,8 +406,8 @@ def _sample_action(bits: jax.Array, cdf_row: jax.Array) -> jax.Array:
     return jnp.sum(cdf_row[:-1] <= uniform).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("n_steps", "episodes_per_env"))
-def _rollout_chunk(key, state_index, time, episode_count, policy, cdf, params, n_steps, episodes_per_env):
+@functools.partial(jax.jit, static_argnames=("n_steps",))
+def _rollout_chunk(key, state_index, time, episode_count, episodes_per_env, policy, cdf, params, n_steps):
     """`n_steps` auto-reset steps of a batch of envs following a tabular policy, stacked as (n_steps, B)."""
 
     def one_env(bits, state_index, time, count):
@@ -449,15 +449,16 @@ def rollout_episodes(
 ) -> dict[str, np.ndarray]:
     """Run `n_episodes` complete episodes of a tabular policy (716, 25) in the JAX env.
 
-    A batch of `min(n_envs, n_episodes)` auto-resetting envs runs on the device in jitted scans of
-    `chunk_steps` steps until every env has finished its share (the first k episodes of each env, so no
-    episode is selected by its length); the records go to the host once. Returns numpy arrays, one entry
+    A batch of auto-resetting envs (`n_envs`, or fewer for small runs: a power of two from 256, so
+    that small runs share one compiled program) runs on the device in jitted scans of `chunk_steps`
+    steps until every env has finished its share (the first k episodes of each env, so no episode is
+    selected by its length); the records go to the host once. Returns numpy arrays, one entry
     per transition, ordered by episode then step: episode (0..n_episodes-1), t, state_index, action,
     behavior_prob, next_state_index, reward, terminated, truncated.
     """
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be at least 1, got {n_episodes}")
-    batch = min(int(n_envs), int(n_episodes))
+    batch = min(int(n_envs), max(256, 1 << (int(n_episodes) - 1).bit_length()))
     per_env = -(-int(n_episodes) // batch)
     policy = jnp.asarray(policy, jnp.float32)
     cdf = policy_cdf(policy)
@@ -470,7 +471,7 @@ def rollout_episodes(
     steps = 0
     while True:
         key, chunk_key = jax.random.split(key)
-        carry, records = _rollout_chunk(chunk_key, *carry, policy, cdf, params, chunk_steps, per_env)
+        carry, records = _rollout_chunk(chunk_key, *carry, jnp.int32(per_env), policy, cdf, params, chunk_steps)
         chunks.append(records)
         steps += chunk_steps
         finished = int(jnp.sum(carry[2] >= per_env))
