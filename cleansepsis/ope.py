@@ -66,6 +66,10 @@ class EpisodeLayout:
         return np.where(mask, out, np.asarray(fill, values.dtype))
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def episode_layout(episode_id: np.ndarray | jnp.ndarray, t: np.ndarray | jnp.ndarray) -> EpisodeLayout:
     """Group transitions into episodes ordered by step; raise OPEError if an episode has gaps in t."""
     episode_id, t = np.asarray(episode_id), np.asarray(t)
@@ -83,7 +87,8 @@ def episode_layout(episode_id: np.ndarray | jnp.ndarray, t: np.ndarray | jnp.nda
             f"episode {ids[index[order[bad]]]} has steps {sorted(t[index == index[order[bad]]].tolist())[:10]}...; "
             "off-policy evaluation needs every episode's steps 0, 1, 2, ... without gaps or repeats"
         )
-    rows = np.full((ids.size, int(lengths.max())), -1, np.int64)
+    # steps padded to a multiple of 32, so datasets of similar size share one compiled program
+    rows = np.full((ids.size, _round_up(int(lengths.max()), 32)), -1, np.int64)
     rows[index[order], step] = order
     first = rows[:, 0]
     last = rows[np.arange(ids.size), lengths - 1]
@@ -311,51 +316,127 @@ def make_fqe_data(
     )
 
 
-def tabular_fqe(
-    fqe: FQEData,
-    state: jnp.ndarray,
-    next_state: jnp.ndarray,
-    n_states: int,
-    gamma: float,
-    counts: jnp.ndarray,
-    n_iterations: int,
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """FQE with one-hot state features: each iteration is the exact weighted least-squares fit, i.e. the
-    mean target per (state, action). A pair never logged takes the mean target of its state (the
-    behaviour's value there), a state never logged the overall mean. Returns (value, Q (S, A)).
+class TabularModel(eqx.Module):
+    """Logged transitions collapsed to their distinct (s, a, s', terminated, r) tuples, so that an
+    iteration costs O(distinct tuples) rather than O(transitions), and the target policy as a table."""
 
-    `counts` (E,) weights each episode (bootstrap); the value is the count-weighted mean of V(s_0)."""
-    n_actions = fqe.next_probs.shape[1]
-    weight = counts[fqe.episode]  # (N,)
-    pair = state * n_actions + fqe.action  # (N,)
-    pair_weight = jax.ops.segment_sum(weight, pair, n_states * n_actions)
-    state_weight = jax.ops.segment_sum(weight, state, n_states)
-    not_done = 1.0 - fqe.terminated.astype(jnp.float32)
+    tuple_of_row: jnp.ndarray  # (N',) int32 index of each transition's tuple (N' >= N: padded rows)
+    row_valid: jnp.ndarray  # (N',) float32, 0 for padding
+    pair: jnp.ndarray  # (U,) int32 s * A + a
+    state: jnp.ndarray  # (U,) int32
+    next_state: jnp.ndarray  # (U,) int32
+    not_done: jnp.ndarray  # (U,) float32
+    reward: jnp.ndarray  # (U,) float32
+    policy: jnp.ndarray  # (S, A) target policy per state
+    episode: jnp.ndarray  # (N',) int32
+    first_state: jnp.ndarray  # (E,) int32
+    first_probs: jnp.ndarray  # (E, A)
+    n_states: int = eqx.field(static=True)
+    n_actions: int = eqx.field(static=True)
 
-    def iterate(q: jnp.ndarray, _: None) -> tuple[jnp.ndarray, None]:
-        next_value = (fqe.next_probs * q[next_state]).sum(-1)  # (N,)
-        target = fqe.reward + gamma * not_done * next_value
-        pair_mean = jax.ops.segment_sum(weight * target, pair, n_states * n_actions) / jnp.maximum(pair_weight, 1e-12)
-        state_mean = jax.ops.segment_sum(weight * target, state, n_states) / jnp.maximum(state_weight, 1e-12)
-        overall = (weight * target).sum() / weight.sum()
-        fallback = jnp.where(state_weight > 0, state_mean, overall)  # (S,)
-        q_new = jnp.where(pair_weight > 0, pair_mean, jnp.repeat(fallback, n_actions)).reshape(n_states, n_actions)
-        return q_new, None
 
-    q, _ = jax.lax.scan(iterate, jnp.zeros((n_states, n_actions), jnp.float32), None, length=n_iterations)
-    v0 = (fqe.first_probs * q[state[fqe.first_rows]]).sum(-1)  # (E,)
+def make_tabular_model(fqe: FQEData, state_index: np.ndarray, next_state_index: np.ndarray, n_states: int) -> TabularModel:
+    state = np.asarray(state_index, np.int64)
+    if state.min() < 0 or state.max() >= n_states:
+        raise OPEError(f"state_index outside 0..{n_states - 1}: tabular FQE needs a replay with state indices")
+    next_state = np.clip(np.asarray(next_state_index, np.int64), 0, n_states - 1)
+    next_probs = np.asarray(fqe.next_probs, np.float32)
+    n_actions = next_probs.shape[1]
+    policy = np.full((n_states, n_actions), 1.0 / n_actions, np.float32)
+    policy[next_state] = next_probs
+    first_state = state[np.asarray(fqe.first_rows)]
+    policy[first_state] = np.asarray(fqe.first_probs)
+    done = np.asarray(fqe.terminated)
+    live = ~done
+    if live.any() and np.abs(policy[next_state[live]] - next_probs[live]).max() > 1e-4:
+        raise OPEError(
+            "tabular FQE needs a target policy that is a function of state_index; the given policy gives "
+            "different probabilities to transitions with the same next state (use --fqe neural)"
+        )
+    reward = np.asarray(fqe.reward, np.float32)
+    action = np.asarray(fqe.action, np.int64)
+    keys = np.stack([state, action, next_state, done.astype(np.int64), reward.view(np.int32).astype(np.int64)], 1)
+    unique, tuple_of_row = np.unique(keys, axis=0, return_inverse=True)
+    # rows and tuples padded to round sizes (padding has zero weight), so that datasets of similar size
+    # share one compiled program
+    n, n_pad = len(state), _round_up(len(state), 16_384)
+    n_unique = len(unique)
+    u_pad = _round_up(n_unique + 1, 4_096)
+    unique = np.concatenate([unique, np.zeros((u_pad - n_unique, 5), np.int64)])
+    unique[n_unique:, 3] = 1  # padded tuples (never weighted) are terminal
+    tuple_of_row = np.concatenate([tuple_of_row.reshape(-1), np.full(n_pad - n, u_pad - 1)])
+    return TabularModel(
+        tuple_of_row=jnp.asarray(tuple_of_row, jnp.int32),
+        row_valid=jnp.asarray(np.arange(n_pad) < n, jnp.float32),
+        pair=jnp.asarray(unique[:, 0] * n_actions + unique[:, 1], jnp.int32),
+        state=jnp.asarray(unique[:, 0], jnp.int32),
+        next_state=jnp.asarray(unique[:, 2], jnp.int32),
+        not_done=jnp.asarray(1 - unique[:, 3], jnp.float32),
+        reward=jnp.asarray(unique[:, 4].astype(np.int32).view(np.float32)),
+        policy=jnp.asarray(policy),
+        episode=jnp.asarray(np.concatenate([np.asarray(fqe.episode), np.zeros(n_pad - n, np.int32)])),
+        first_state=jnp.asarray(first_state, jnp.int32),
+        first_probs=fqe.first_probs,
+        n_states=n_states,
+        n_actions=n_actions,
+    )
+
+
+def tabular_fqe(model: TabularModel, gamma: float, counts: jnp.ndarray, n_iterations: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """FQE with one-hot state features. Each FQE iteration is the exact weighted least-squares fit, i.e.
+    Q(s, a) = the mean target r + gamma * sum_a' pi(a'|s') Q(s', a') over the logged (s, a); a pair never
+    logged takes the mean target of its state (the behaviour's value there), a state never logged the
+    overall mean. Every such fit is linear in V(s') = sum_a' pi(a'|s') Q(s', a'), so the iteration is run
+    on V with the fitted (S, S) matrix: the same fixed point at a dense matvec per iteration.
+    `counts` (E,) weights each episode (bootstrap). Returns (mean V(s_0) over episodes, Q (S, A))."""
+    n_states, n_actions = model.n_states, model.n_actions
+    n_pairs = n_states * n_actions
+    row_weight = counts[model.episode] * model.row_valid
+    weight = jax.ops.segment_sum(row_weight, model.tuple_of_row, model.pair.shape[0])  # (U,)
+    pair_weight = jax.ops.segment_sum(weight, model.pair, n_pairs)  # (S*A,)
+    state_weight = jax.ops.segment_sum(weight, model.state, n_states)  # (S,)
+    seen_pair = pair_weight.reshape(n_states, n_actions) > 0
+    unseen_mass = (model.policy * ~seen_pair).sum(-1)  # (S,) target mass on never-logged actions
+    # share of each tuple in its pair's fit and in its state's fallback fit
+    in_pair = weight / jnp.maximum(pair_weight[model.pair], 1e-12)
+    in_state = weight / jnp.maximum(state_weight[model.state], 1e-12)
+    pi_taken = model.policy.reshape(-1)[model.pair]
+    beta = pi_taken * in_pair + unseen_mass[model.state] * in_state  # (U,) weight of tuple u in V(s_u)
+    logged = state_weight > 0
+    # V(s) = sum_u beta_u (r_u + gamma nd_u V(s'_u)) for logged states, the overall mean for the others
+    overall = weight / weight.sum()  # (U,)
+    reward_state = jax.ops.segment_sum(beta * model.reward, model.state, n_states)
+    reward_state = jnp.where(logged, reward_state, (overall * model.reward).sum())
+    step = gamma * model.not_done
+    transition = jnp.zeros((n_states, n_states), jnp.float32).at[model.state, model.next_state].add(beta * step)
+    overall_row = jnp.zeros(n_states, jnp.float32).at[model.next_state].add(overall * step)
+    transition = jnp.where(logged[:, None], transition, overall_row[None, :])
+
+    def iterate(v: jnp.ndarray, _: None) -> tuple[jnp.ndarray, None]:
+        return reward_state + transition @ v, None
+
+    # the fixed point by one linear solve (compute-bound, unlike hundreds of memory-bound matvecs), then
+    # FQE iterations from it: they keep a correct solve and recover from a singular one (a logged loop
+    # that never terminates), which starts them from zero instead
+    solved = jnp.linalg.solve(jnp.eye(n_states, dtype=jnp.float32) - transition, reward_state)
+    start = jnp.where(jnp.all(jnp.isfinite(solved)), solved, 0.0)
+    v, _ = jax.lax.scan(iterate, start, None, length=n_iterations)
+    # Q of the last fit, for WDR and the figures
+    target = weight * (model.reward + step * v[model.next_state])
+    pair_mean = jax.ops.segment_sum(target, model.pair, n_pairs) / jnp.maximum(pair_weight, 1e-12)
+    state_mean = jax.ops.segment_sum(target, model.state, n_states) / jnp.maximum(state_weight, 1e-12)
+    fallback = jnp.where(logged, state_mean, target.sum() / weight.sum())
+    q = jnp.where(pair_weight > 0, pair_mean, jnp.repeat(fallback, n_actions)).reshape(n_states, n_actions)
+    v0 = (model.first_probs * q[model.first_state]).sum(-1)  # (E,)
     return (counts * v0).sum() / counts.sum(), q
 
 
 @eqx.filter_jit
-def _tabular_fqe_bootstrap(fqe, state, next_state, n_states, gamma, counts, n_iterations):
-    ones = jnp.ones(fqe.first_rows.shape[0], jnp.float32)
-    value, q = tabular_fqe(fqe, state, next_state, n_states, gamma, ones, n_iterations)
-    # resamples in batches: each holds an (N, A) gather, so all at once would not fit in memory
-    batch = max(1, min(counts.shape[0], 50_000_000 // (state.shape[0] * fqe.next_probs.shape[1])))
-    boot = jax.lax.map(
-        lambda c: tabular_fqe(fqe, state, next_state, n_states, gamma, c, n_iterations)[0], counts, batch_size=batch
-    )
+def _tabular_fqe_bootstrap(model: TabularModel, gamma: float, counts: jnp.ndarray, n_iterations: int):
+    ones = jnp.ones(model.first_state.shape[0], jnp.float32)
+    value, q = tabular_fqe(model, gamma, ones, n_iterations)
+    # resamples in batches of 16: each holds an (S, S) matrix
+    boot = jax.lax.map(lambda c: tabular_fqe(model, gamma, c, n_iterations)[0], counts, batch_size=16)
     return value, q, boot
 
 
@@ -366,19 +447,12 @@ def tabular_fqe_estimate(
     n_states: int,
     gamma: float,
     counts: jnp.ndarray,
-    n_iterations: int = 100,
+    n_iterations: int = 20,
     level: float = 0.95,
 ) -> tuple[dict[str, Any], jnp.ndarray]:
     """Tabular FQE with an interval from refitting on every episode resample. Returns (result, Q)."""
-    state = np.asarray(state_index)
-    next_state = np.asarray(next_state_index)
-    if state.min() < 0 or state.max() >= n_states:
-        raise OPEError(f"state_index outside 0..{n_states - 1}: tabular FQE needs a replay with state indices")
-    # a terminal next state is never bootstrapped, but must still index the table
-    next_state = np.clip(next_state, 0, n_states - 1)
-    value, q, boot = _tabular_fqe_bootstrap(
-        fqe, jnp.asarray(state), jnp.asarray(next_state), n_states, float(gamma), counts, n_iterations
-    )
+    model = make_tabular_model(fqe, state_index, next_state_index, n_states)
+    value, q, boot = _tabular_fqe_bootstrap(model, float(gamma), counts, n_iterations)
     boot = np.asarray(boot)
     lo, hi = interval(boot, level)
     result = {
@@ -387,7 +461,7 @@ def tabular_fqe_estimate(
         "ci_high": hi,
         "boot_std": float(np.std(boot)),
         "features": "one-hot state_index (tabular)",
-        "n_iterations": n_iterations,
+        "n_iterations": f"exact fixed point (linear solve) + {n_iterations} FQE iterations",
         "interval": "refit on each episode resample",
     }
     return result, q

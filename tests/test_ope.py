@@ -212,3 +212,31 @@ def test_a_resample_equals_the_estimate_on_the_duplicated_episodes():
             assert float(fn(inputs_for(data, layout), jnp.asarray(c))) == pytest.approx(
                 float(fn(dup_inputs, ones)), abs=1e-6
             )
+
+
+# ----------------------------------------------------------------------------------------------
+# ICU-Sepsis: FQE of the clinicians against their exact value
+
+
+def test_fqe_and_wis_of_the_clinicians_on_icu_sepsis_are_close_to_the_exact_value():
+    from cleansepsis import env
+    from cleansepsis.icu_replay import default_replay_path
+    from cleansepsis.replay import load_replay
+
+    replay = load_replay(default_replay_path())  # 10,000 clinician episodes, cached and shared by the tests
+    data = replay.data
+    params = env.load_params()
+    clinician = np.asarray(env.clinician_policy(params, renormalise=True))
+    states, next_states = np.asarray(data.state_index), np.asarray(data.next_state_index)
+    assert np.allclose(clinician[states, np.asarray(data.action)], np.asarray(data.behavior_prob), atol=1e-5)
+    result = ope.off_policy_evaluation(
+        data, clinician[states], clinician[next_states], np.asarray(data.behavior_prob),
+        gamma=1.0, epsilon=0.0, n_boot=50, n_states=env.N_STATES,
+    )  # fmt: skip
+    exact = float(env.policy_evaluation(clinician, params)[0])
+    est = result["estimators"]
+    # 10,000 episodes: the standard error of a mean survival is about 0.004
+    assert abs(est["fqe"]["estimate"] - exact) < 0.012
+    assert abs(est["wis"]["estimate"] - exact) < 0.012
+    assert est["wis"]["ci_low"] - 0.005 < exact < est["wis"]["ci_high"] + 0.005
+    assert result["weights"]["ess"] == pytest.approx(result["n_episodes"])  # on-policy: all weights 1
