@@ -1,0 +1,273 @@
+"""cql.py: loss terms against numpy, probe problems with known answers, seeds, retracing, smoke runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import polars as pl
+
+import cql
+from cleansepsis.checkpoint import load_checkpoint, network_forward
+from cleansepsis.replay import Transitions, write_replay
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_transitions(obs, action, reward, next_obs, terminated, action_mask=None, next_action_mask=None):
+    obs = np.asarray(obs, np.float32)
+    n, n_actions = obs.shape[0], 4
+    if action_mask is not None:
+        n_actions = np.asarray(action_mask).shape[1]
+    full = np.ones((n, n_actions), bool)
+    return Transitions(
+        obs=jnp.asarray(obs),
+        action=jnp.asarray(action, jnp.int32),
+        reward=jnp.asarray(reward, jnp.float32),
+        next_obs=jnp.asarray(next_obs, jnp.float32),
+        terminated=jnp.asarray(terminated, bool),
+        truncated=jnp.zeros(n, bool),
+        episode_id=jnp.arange(n, dtype=jnp.int32),
+        t=jnp.zeros(n, jnp.int32),
+        split=jnp.zeros(n, jnp.int8),
+        state_index=jnp.full(n, -1, jnp.int32),
+        next_state_index=jnp.full(n, -1, jnp.int32),
+        behavior_prob=jnp.full(n, jnp.nan, jnp.float32),
+        action_mask=jnp.asarray(full if action_mask is None else action_mask),
+        next_action_mask=jnp.asarray(full if next_action_mask is None else next_action_mask),
+    )
+
+
+def hparams(alpha=0.0, learning_rate=1e-3, gamma=1.0):
+    return {k: jnp.float32(v) for k, v in dict(alpha=alpha, learning_rate=learning_rate, gamma=gamma).items()}
+
+
+def small_args(**kw):
+    base = dict(total_updates=1500, eval_every=500, batch_size=256, hidden=(32, 32), target_update_every=50)
+    return dataclasses.replace(cql.Args(), **{**base, **kw})
+
+
+def q_values(args, params, n_actions, obs):
+    static = cql.network_static(obs.shape[1], n_actions, args.hidden)
+    return np.asarray(jax.vmap(eqx.combine(params, static))(jnp.asarray(obs, jnp.float32)))
+
+
+# ----- loss terms against numpy --------------------------------------------------------------------------
+
+
+def test_double_dqn_target_matches_numpy_with_mask_and_terminal():
+    rng = np.random.default_rng(0)
+    batch, n_actions = 64, 6
+    q_online, q_target = rng.normal(size=(2, batch, n_actions)).astype(np.float32)
+    reward = rng.normal(size=batch).astype(np.float32)
+    terminated = rng.random(batch) < 0.3
+    mask = rng.random((batch, n_actions)) < 0.5
+    mask[np.arange(batch), rng.integers(0, n_actions, batch)] = True  # at least one admissible action
+    gamma = 0.9
+    expected = np.empty(batch, np.float32)
+    for i in range(batch):
+        admissible = np.flatnonzero(mask[i])
+        best = admissible[np.argmax(q_online[i, admissible])]
+        expected[i] = reward[i] + (0.0 if terminated[i] else gamma * q_target[i, best])
+    got = cql.double_dqn_target(q_online, q_target, reward, terminated, mask, jnp.float32(gamma))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+    # the masked target differs from the unmasked one somewhere, so the mask is really used
+    unmasked = cql.double_dqn_target(
+        q_online, q_target, reward, terminated, np.ones_like(mask), jnp.float32(gamma)
+    )
+    assert not np.allclose(np.asarray(unmasked), expected)
+
+
+def test_cql_penalty_matches_numpy_over_admissible_actions():
+    rng = np.random.default_rng(1)
+    batch, n_actions = 50, 5
+    q = rng.normal(size=(batch, n_actions)).astype(np.float32) * 3
+    action = rng.integers(0, n_actions, batch)
+    mask = rng.random((batch, n_actions)) < 0.6
+    mask[np.arange(batch), action] = True  # the logged action is admissible
+    expected = np.array(
+        [np.log(np.sum(np.exp(q[i, mask[i]]))) - q[i, action[i]] for i in range(batch)], np.float32
+    )
+    got = cql.cql_penalty(jnp.asarray(q), jnp.asarray(action, jnp.int32), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+    assert (np.asarray(got) >= -1e-6).all()  # logsumexp >= any admissible value
+
+
+# ----- probe problems with known answers -----------------------------------------------------------------
+
+
+def bandit(n=3000, seed=0):
+    """One step, one state, actions 0..2 logged uniformly with mean rewards 0.2, 0.8, 0.5; action 3 never."""
+    rng = np.random.default_rng(seed)
+    action = rng.integers(0, 3, n)
+    mean = np.array([0.2, 0.8, 0.5, 0.0])
+    reward = (rng.random(n) < mean[action]).astype(np.float32)
+    obs = np.ones((n, 2), np.float32)
+    return make_transitions(obs, action, reward, np.zeros_like(obs), np.ones(n, bool)), mean
+
+
+def test_bandit_learns_mean_rewards_and_penalty_pushes_unseen_action_down():
+    data, _ = bandit()
+    args = small_args()
+    train = jax.jit(cql.make_train(args, 2, 4))  # one compiled program for both alphas
+    q0 = q_values(
+        args, train(jax.random.PRNGKey(0), hparams(alpha=0.0), (data, None))[0], 4, np.ones((1, 2))
+    )[0]
+    q1 = q_values(
+        args, train(jax.random.PRNGKey(0), hparams(alpha=1.0), (data, None))[0], 4, np.ones((1, 2))
+    )[0]
+    empirical = [float(data.reward[data.action == a].mean()) for a in range(3)]
+    np.testing.assert_allclose(q0[:3], empirical, atol=0.05)
+    assert q1[3] < q1[:3].min() - 0.5, q1  # never-logged action made pessimistic
+    assert q1[3] < q0[3] - 0.5
+    assert int(np.argmax(q1)) == 1
+
+
+def chain(n=4000, seed=0):
+    """Two copies of a two-state chain in one replay; copy c has observations [A, B, c].
+    State A: action 0 -> B (reward 0), action 1 -> end (reward 0.3).
+    State B: action 0 -> end (reward 1), action 1 -> end (reward 0); every action logged uniformly.
+    In copy 1, action 0 is inadmissible at B (in next_action_mask). With gamma = 1, Q(A, 0) is the
+    best admissible value at B: 1 in copy 0, 0 in copy 1."""
+    rng = np.random.default_rng(seed)
+    a_state = rng.random(n) < 0.5
+    copy = (rng.random(n) < 0.5).astype(np.float32)
+    action = rng.integers(0, 2, n)
+    obs = np.stack([a_state, ~a_state, copy], 1).astype(np.float32)
+    to_b = a_state & (action == 0)
+    next_obs = np.stack([np.zeros(n), to_b, copy * to_b], 1).astype(np.float32)
+    reward = np.where(a_state, np.where(action == 1, 0.3, 0.0), np.where(action == 0, 1.0, 0.0))
+    next_mask = np.ones((n, 2), bool)
+    next_mask[to_b & (copy == 1), 0] = False
+    return make_transitions(obs, action, reward, next_obs, ~to_b, np.ones((n, 2), bool), next_mask)
+
+
+def test_two_state_chain_bootstraps_through_admissible_actions():
+    data = chain()
+    args = small_args(total_updates=2000, eval_every=1000)
+    params, metrics = jax.jit(cql.make_train(args, 3, 2))(
+        jax.random.PRNGKey(1), hparams(alpha=0.0), (data, None)
+    )
+    q = q_values(args, params, 2, np.array([[1, 0, 0], [0, 1, 0], [1, 0, 1], [0, 1, 1]], np.float32))
+    np.testing.assert_allclose(q[0], [1.0, 0.3], atol=0.06)  # copy 0: best action at B is admissible
+    np.testing.assert_allclose(q[2], [0.0, 0.3], atol=0.06)  # copy 1: bootstrap only over admissible
+    np.testing.assert_allclose(q[[1, 3]], [[1.0, 0.0], [1.0, 0.0]], atol=0.06)
+    assert metrics["td_loss"].shape == (args.num_evals,)
+
+
+# ----- seeds and compilation -----------------------------------------------------------------------------
+
+
+def test_seeds_differ_same_seed_repeats_and_no_retrace():
+    data, _ = bandit(500)
+    args = small_args(total_updates=100, eval_every=50)
+    traces = []
+    train = cql.make_train(args, 2, 4)
+
+    def counted(key, hp, inputs):
+        traces.append(1)
+        return train(key, hp, inputs)
+
+    sweep = jax.jit(jax.vmap(counted, in_axes=(0, None, None)))
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 0)])
+    params, metrics = sweep(keys, hparams(alpha=0.5), (data, None))
+    params_again, _ = sweep(keys, hparams(alpha=0.2), (data, None))  # new hyperparameter values: no new trace
+    assert len(traces) == 1
+    first = params.layers[0].weight
+    assert not np.allclose(first[0], first[1])  # different seeds, different networks
+    np.testing.assert_array_equal(first[0], first[2])  # same seed, identical numbers
+    np.testing.assert_array_equal(metrics["td_loss"][0], metrics["td_loss"][2])
+    assert not np.allclose(params_again.layers[-1].weight[0], params.layers[-1].weight[0])  # alpha is used
+
+
+def test_exported_checkpoint_forward_equals_network(tmp_path):
+    from cleansepsis.checkpoint import save_checkpoint
+
+    args = small_args()
+    net = cql.QNetwork(2, 4, args.hidden, jax.random.PRNGKey(3))
+    params, static = eqx.partition(net, eqx.is_array)
+    tensors, network = cql.export_policy(params, static, args.hidden)
+    save_checkpoint(
+        tmp_path / "ckpt", tensors, {"network": network, "outputs": "q_values", "obs_dim": 2, "n_actions": 4}
+    )
+    loaded, config = load_checkpoint(tmp_path / "ckpt")
+    obs = np.random.default_rng(0).normal(size=(16, 2)).astype(np.float32)
+    np.testing.assert_allclose(
+        np.asarray(network_forward(loaded, config["network"], obs)), np.asarray(jax.vmap(net)(obs)), atol=1e-5
+    )
+
+
+# ----- subprocess smoke runs -----------------------------------------------------------------------------
+
+
+def write_bandit_replay(path: Path, n=400) -> Path:
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(n, 3)).astype(np.float32)
+    frame = pl.DataFrame(
+        {
+            "episode_id": np.arange(n, dtype=np.int64),
+            "t": np.zeros(n, np.int32),
+            "obs": obs,
+            "action": rng.integers(0, 25, n).astype(np.int32),
+            "reward": rng.random(n).astype(np.float32),
+            "next_obs": np.zeros_like(obs),
+            "terminated": np.ones(n, bool),
+            "truncated": np.zeros(n, bool),
+            "split": np.where(np.arange(n) < 300, "train", "test"),
+        },
+        schema_overrides={"obs": pl.Array(pl.Float32, 3), "next_obs": pl.Array(pl.Float32, 3)},
+    )
+    meta = dict(
+        obs_dim=3,
+        n_actions=25,
+        feature_names=["a", "b", "c"],
+        normalisation={},
+        source="test",
+        env_id=None,
+        reward="test",
+        args={},
+    )
+    write_replay(path, frame, meta)
+    return path
+
+
+def run_script(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "cql.py"), *argv], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_smoke_run_writes_run_folder(tmp_path):
+    replay = write_bandit_replay(tmp_path / "bandit.parquet")
+    out = tmp_path / "run"
+    result = run_script(
+        "--replay", str(replay), "--alpha", "0.1", "1", "--num-seeds", "2", "--total-updates", "40",
+        "--eval-every", "20", "--batch-size", "16", "--hidden", "8", "--run-dir", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["runs"]) == 4
+    assert sorted(round(r["hparams"]["alpha"], 4) for r in summary["runs"]) == [0.1, 0.1, 1.0, 1.0]
+    frame = pl.read_parquet(out / "metrics.parquet")
+    assert {"td_loss", "cql_loss", "alpha", "seed", "step"} <= set(frame.columns)
+    assert frame.height == 2 * 2 * 2
+    assert (out / "curves.png").stat().st_size > 0
+    tensors, config = load_checkpoint(out / summary["runs"][0]["checkpoint"])
+    assert config["algo"] == "cql" and config["outputs"] == "q_values" and config["obs_dim"] == 3
+    assert tensors["output.weight"].shape == (25, 8) and abs(config["hparams"]["alpha"] - 0.1) < 1e-6
+
+
+def test_bad_arguments_give_a_clear_error(tmp_path):
+    replay = write_bandit_replay(tmp_path / "bandit.parquet")
+    result = run_script("--replay", str(replay), "--total-updates", "30", "--eval-every", "20")
+    assert result.returncode != 0
+    assert "error:" in result.stderr and "--eval-every" in result.stderr and "Traceback" not in result.stderr
+    result = run_script("--replay", str(tmp_path / "missing.parquet"))
+    assert result.returncode != 0 and "missing.parquet" in result.stderr and "Traceback" not in result.stderr
