@@ -44,15 +44,15 @@ class Args:
     """Pipeline runs per size; the median is reported."""
 
 
-def measure(code: str) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of `python -c code` in a fresh process."""
+def measure(code: str) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MB) of `python -c code` in a fresh process."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"error: benchmark step failed: {code}")
-    return seconds, usage.ru_maxrss / 1024.0
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
                 f"format={args.format!r}, quiet=True))"
             )
         suffix = args.format
-        floor_s, _ = measure(
+        floor_s, _, _ = measure(
             "import polars as pl; "
             + "; ".join(
                 f"pl.scan_{'parquet' if suffix == 'parquet' else 'csv'}({str(data / t)!r})"
@@ -87,12 +87,13 @@ def main() -> None:
                 )
             )
         seconds = float(np.median([r[0] for r in runs]))
-        peak = float(max(r[1] for r in runs))
-        rows.append((stays, seconds, floor_s, peak))
+        cpu = float(np.median([r[1] for r in runs]))
+        peak = float(max(r[2] for r in runs))
+        rows.append((stays, seconds, floor_s, peak, cpu))
         chart_gz = data / f"icu/chartevents.{suffix}"
         size_per_stay.append(chart_gz.stat().st_size / stays)
         print(
-            f"{stays:>7} stays: pipeline {seconds:7.1f} s, read floor {floor_s:6.1f} s "
+            f"{stays:>7} stays: pipeline {seconds:7.1f} s wall, {cpu:7.1f} s CPU, read floor {floor_s:6.1f} s "
             f"(x{seconds / floor_s:4.2f}), peak {peak:7.0f} MB",
             file=sys.stderr,
             flush=True,
@@ -101,16 +102,19 @@ def main() -> None:
     print(
         f"\nload average during the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores\n"
     )
-    print("| stays | pipeline s | read floor s | ratio | peak MB |")
-    print("|---|---|---|---|---|")
-    for stays, seconds, floor_s, peak in rows:
-        print(f"| {stays:,} | {seconds:.1f} | {floor_s:.1f} | {seconds / floor_s:.2f} | {peak:.0f} |")
+    print("| stays | pipeline wall s | pipeline CPU s | read floor wall s | wall / floor | peak MB |")
+    print("|---|---|---|---|---|---|")
+    for stays, seconds, floor_s, peak, cpu in rows:
+        print(
+            f"| {stays:,} | {seconds:.1f} | {cpu:.1f} | {floor_s:.1f} | {seconds / floor_s:.2f} | {peak:.0f} |"
+        )
     if len(rows) >= 2:
         x = np.array([r[0] for r in rows], float)
         t_fit = np.polyfit(x, [r[1] for r in rows], 1)
         m_fit = np.polyfit(x, [r[3] for r in rows], 1)
         f_fit = np.polyfit(x, [r[2] for r in rows], 1)
-        t_full, m_full, f_full = (np.polyval(f, FULL_STAYS) for f in (t_fit, m_fit, f_fit))
+        c_fit = np.polyfit(x, [r[4] for r in rows], 1)
+        t_full, m_full, f_full, c_full = (np.polyval(f, FULL_STAYS) for f in (t_fit, m_fit, f_fit, c_fit))
         print(
             f"\nlinear fit: {t_fit[0] * 1000:.1f} s per 1,000 stays + {t_fit[1]:.1f} s fixed; "
             f"{m_fit[0] * 1000:.0f} MB per 1,000 stays + {m_fit[1]:.0f} MB fixed"
@@ -125,6 +129,11 @@ def main() -> None:
             f"projected full MIMIC-IV v3.1 ({FULL_STAYS:,} stays): {t_full / 60:.1f} min "
             f"(goal <= {GOAL_MINUTES:.0f}), peak {m_full / 1024:.2f} GB (goal <= {GOAL_GB:.0f}); "
             f"read floor alone {f_full / 60:.1f} min"
+        )
+        print(
+            f"CPU time fit: {c_fit[0] * 1000:.1f} s per 1,000 stays + {c_fit[1]:.1f} s fixed -> "
+            f"{c_full / 60:.1f} CPU-min at full scale, i.e. at most that many minutes of wall time on an idle "
+            "machine with one free core (polars spreads the scans over both cores)"
         )
 
 

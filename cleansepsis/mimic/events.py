@@ -129,6 +129,7 @@ def input_hourly(table: Table, stays: pl.DataFrame) -> pl.DataFrame:
         table.scan()
         .filter(pl.col("itemid").is_in(ids))
         .filter(pl.col("statusdescription").fill_null("") != "Rewritten")
+        .unique()  # an exactly duplicated row would count its volume twice
         .join(stays.lazy().select("stay_id", "t0", "out_h"), on="stay_id", how="inner")
         .with_columns(
             hours_since("starttime").clip(-1.0, None).alias("start_h"),
@@ -167,6 +168,7 @@ def urine_hourly(table: Table, stays: pl.DataFrame) -> pl.DataFrame:
     lf = (
         table.scan()
         .filter(pl.col("itemid").is_in(ids) & pl.col("value").is_not_null())
+        .unique()  # an exactly duplicated row would count its volume twice
         .join(stays.lazy().select("stay_id", "t0", "out_h"), on="stay_id", how="inner")
         .with_columns(hours_since("charttime").floor().cast(pl.Int32).alias("hour"))
         .filter(pl.col("hour") >= -1)

@@ -410,7 +410,10 @@ def run(args: MimicArgs) -> dict:
     grid = grid.filter(pl.col("stay_id").is_in(episodes.get_column("stay_id").implode()))
     measured = measured.filter(pl.col("stay_id").is_in(episodes.get_column("stay_id").implode()))
     states = build_states(episodes, measured, grid, step)
-    states = states.join(episodes.select("stay_id", "n_steps", "split", "died_90d"), on="stay_id")
+    # sorted again after the join: obs_rows and next_rows below pair up row by row
+    states = states.join(episodes.select("stay_id", "n_steps", "split", "died_90d"), on="stay_id").sort(
+        "stay_id", "k"
+    )
     say(f"{states.height} states built for {episodes.height} episodes")
 
     obs_rows = states.filter(pl.col("k") < pl.col("n_steps"))
@@ -459,10 +462,7 @@ def run(args: MimicArgs) -> dict:
         "obs_dim": len(names),
         "n_actions": 25,
         "feature_names": names,
-        "feature_units": {
-            n: unit_of.get(n.removesuffix("_missing"), "0/1") if not n.endswith("_missing") else "0/1"
-            for n in names
-        },
+        "feature_units": {n: "0/1" if n.endswith("_missing") else unit_of[n] for n in names},
         "normalisation": {
             **stats,
             **{f"{n}_missing": {"kind": "none", "mean": 0.0, "std": 1.0} for n in feat.FLAGGED},

@@ -116,15 +116,17 @@ def hourly_grid(
         "gcs_verbal": ("last", "gcs_verbal"),
         "gcs_motor": ("last", "gcs_motor"),
     }
+    # chart and lab rows of the same variable (glucose, FiO2) may share an hour: combine them
+    combine = {
+        "min": pl.col("min").min(),
+        "max": pl.col("max").max(),
+        "last": pl.col("last").sort_by("t_last").last(),
+    }
     for name, (stat, column) in worst.items():
         part = (
             measured.filter(pl.col("feature") == code[name])
             .group_by("stay_id", "hour")
-            .agg(
-                getattr(pl.col(stat), "min" if stat == "min" else "max")().alias(column)
-                if stat != "last"
-                else pl.col("last").sort_by("t_last").last().alias(column)
-            )
+            .agg(combine[stat].alias(column))
         )
         grid = grid.join(part, on=["stay_id", "hour"], how="left")
     grid = (
