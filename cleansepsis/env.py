@@ -152,7 +152,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def alias_tables(probs: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Walker/Vose alias tables for each row of `probs` (rows, n), restricted to the `width` largest entries.
+    """Walker/Vose alias tables for each row of `probs` (rows, n) over its non-zero entries, padded to `width`.
 
     Returns (threshold (rows, width) float32, packed (rows, width) int32): draw a slot j uniformly, then the
     outcome is `packed & 0xFFFF` if u < threshold[j] else `packed >> 16`. Built by running Vose's
@@ -160,36 +160,45 @@ def alias_tables(probs: np.ndarray, width: int | None = None) -> tuple[np.ndarra
     """
     probs = np.asarray(probs, np.float64)
     rows = probs.shape[0]
-    width = int((probs > 0).sum(1).max()) if width is None else width
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :width]
-    top = np.take_along_axis(probs, order, axis=1)
-    missing = np.abs(top.sum(1) - probs.sum(1)).max()
-    if missing > 1e-12:
-        raise ValueError(f"alias tables of width {width} would drop probability mass {missing:g}")
-    scaled = top / top.sum(1, keepdims=True) * width
-    threshold = np.ones((rows, width))
-    alias_slot = np.tile(np.arange(width), (rows, 1))
-    is_small = scaled < 1.0
-    # Stacks as arrays: small slots (then large slots) first, in slot order; pointers are stack sizes.
-    small = np.argsort(~is_small, axis=1, kind="stable")
-    large = np.argsort(is_small, axis=1, kind="stable")
+    support = probs > 0
+    counts = support.sum(1)
+    width = int(counts.max()) if width is None else width
+    if counts.max() > width:
+        raise ValueError(f"a row has {counts.max()} non-zero entries, more than the table width {width}")
+    # The non-zero entries of each row first, in column order; zero padding after them.
+    row_of, column = np.nonzero(support)
+    slot_of = np.arange(row_of.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    order = np.zeros((rows, width), np.int64)
+    top = np.zeros((rows, width))
+    order[row_of, slot_of] = column
+    top[row_of, slot_of] = probs[row_of, column]
+    scaled = (top / top.sum(1, keepdims=True) * width).ravel()
+    threshold = np.ones(rows * width)
+    alias_slot = np.tile(np.arange(width), rows)
+    is_small = (scaled < 1.0).reshape(rows, width)
+    # Stacks as flat arrays, one block of `width` per row: the row's small (large) slots in slot order;
+    # the pointers are the stack sizes. Indices into `scaled` are flat: row * width + slot.
+    base = np.arange(rows) * width
+    small = (np.argsort(~is_small, axis=1, kind="stable") + base[:, None]).ravel()
+    large = (np.argsort(is_small, axis=1, kind="stable") + base[:, None]).ravel()
     n_small = is_small.sum(1)
     n_large = width - n_small
-    while True:
-        active = np.flatnonzero((n_small > 0) & (n_large > 0))
-        if active.size == 0:
-            break
-        s = small[active, n_small[active] - 1]
-        g = large[active, n_large[active] - 1]
-        threshold[active, s] = scaled[active, s]
-        alias_slot[active, s] = g
-        scaled[active, g] -= 1.0 - scaled[active, s]
+    active = np.flatnonzero((n_small > 0) & (n_large > 0))
+    while active.size:
+        s = small[base[active] + n_small[active] - 1]
+        g = large[base[active] + n_large[active] - 1]
+        threshold[s] = scaled[s]
+        alias_slot[s] = g - base[active]
+        scaled[g] -= 1.0 - scaled[s]
         n_small[active] -= 1
-        became_small = scaled[active, g] < 1.0
+        became_small = scaled[g] < 1.0
         moved, moved_slot = active[became_small], g[became_small]
         n_large[moved] -= 1
-        small[moved, n_small[moved]] = moved_slot
+        small[base[moved] + n_small[moved]] = moved_slot
         n_small[moved] += 1
+        active = active[(n_small[active] > 0) & (n_large[active] > 0)]
+    threshold = threshold.reshape(rows, width)
+    alias_slot = alias_slot.reshape(rows, width)
     primary = order
     alias = np.take_along_axis(order, alias_slot, axis=1)
     packed = (primary | (alias << _PACK_SHIFT)).astype(np.int32)
@@ -416,7 +425,7 @@ def _rollout_chunk(key, state_index, time, episode_count, episodes_per_env, poli
         new_state, stepped, reward, terminated, truncated = _autoreset_transition(bits[1:], state, action, params)
         done = terminated | truncated
         record = {
-            "valid": count < episodes_per_env,
+            "valid": (count >= 0) & (count < episodes_per_env),
             "episode": count,
             "t": time,
             "state_index": state_index,
@@ -462,11 +471,9 @@ def rollout_episodes(
     per_env = -(-int(n_episodes) // batch)
     policy = jnp.asarray(policy, jnp.float32)
     cdf = policy_cdf(policy)
-    reset_key, key = jax.random.split(key)
-    start = jax.vmap(lambda k: _sample_start(jax.random.bits(k, (2,), jnp.uint32), params))(
-        jax.random.split(reset_key, batch)
-    )
-    carry = (start, jnp.zeros(batch, jnp.int32), jnp.zeros(batch, jnp.int32))
+    # Every env starts in the absorbing state with episode count -1: its first step is a dropped no-op
+    # that auto-resets it, so the start states are drawn inside the one compiled chunk.
+    carry = (jnp.full(batch, ABSORBING, jnp.int32), jnp.zeros(batch, jnp.int32), jnp.full(batch, -1, jnp.int32))
     chunks = []
     steps = 0
     while True:
