@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         {"alpha": args.alpha, "learning_rate": args.learning_rate, "gamma": args.gamma}
     )
     seeds = runs.seed_list(args.seed, args.num_seeds)
-    reference = runs.reference_values(env_params)
+    reference = reference_values(env_params)
     train = make_train(args, replay.obs_dim, replay.n_actions)
     print(
         f"{ALGO}: {len(settings)} setting(s) x {len(seeds)} seed(s), {args.total_updates} updates each, "
@@ -285,6 +285,20 @@ def main(argv: list[str] | None = None) -> None:
         f"compile {timing['compile_seconds']:.1f} s, train {timing['train_seconds']:.1f} s; wrote {path}",
         file=sys.stderr,
     )
+
+
+def reference_values(env_params) -> dict[str, float]:
+    """Exact returns of the clinician (renormalised to admissible actions), random, optimal and greedy
+    clinician policies; empty without env params. (runs.reference_values expects flat floats, the env
+    gives {"expected_return", "mean_length"} per policy.)"""
+    if env_params is None:
+        return {}
+    from cleansepsis import env as sepsis_env
+
+    table = sepsis_env.reference_values(env_params)
+    names = {"clinician": "clinician_renormalised", "random": "random", "optimal": "optimal"}
+    names["greedy_clinician"] = "greedy_clinician"
+    return {short: float(table[name]["expected_return"]) for short, name in names.items() if name in table}
 
 
 def sweep(train, seeds, hparams, n_ticks: int, inputs):
