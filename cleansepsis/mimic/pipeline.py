@@ -197,12 +197,11 @@ def measured_states(states: pl.DataFrame, measured: pl.DataFrame) -> pl.DataFram
     was charted within the variable's hold limit (sample-and-hold); else null."""
     left = states.select("stay_id", "k", "ws").sort("ws")
     out = states.sort("stay_id", "k")
+    by_feature = measured.select("feature", "stay_id", "t_last", "last").partition_by("feature", as_dict=True)
+    empty = measured.select("stay_id", "t_last", "last").clear()
     for m in feat.MEASURED:
-        right = (
-            measured.filter(pl.col("feature") == feat.FEATURE_CODE[m.name])
-            .select("stay_id", "t_last", "last")
-            .sort("t_last")
-        )
+        part = by_feature.get((feat.FEATURE_CODE[m.name],))
+        right = (empty if part is None else part.drop("feature")).sort("t_last")
         joined = left.join_asof(
             right,
             left_on="ws",
