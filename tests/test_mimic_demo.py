@@ -35,12 +35,13 @@ def demo_out(tmp_path_factory):
 
 
 def test_cohort_counts_shrink_step_by_step(demo_out):
-    _, summary = demo_out
+    out, summary = demo_out
     counts = summary["cohort_counts"]
     assert counts["icu_stays"] == 140  # the demo's icustays table
     assert counts["first_icu_stay"] == 100  # one first stay per patient
     values = list(counts.values())
     assert values == sorted(values, reverse=True), counts
+    assert load_replay(out / "replay.parquet").meta["cohort_steps"] == list(counts)
     assert 10 <= counts["sepsis3"] < counts["suspected_infection"] < counts["first_icu_stay"]
 
 

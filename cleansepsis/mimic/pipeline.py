@@ -484,6 +484,7 @@ def run(args: MimicArgs) -> dict:
             "levels": "0 = none; 1-4 = quartiles of non-zero doses on the train split",
         },
         "cohort_counts": counts,
+        "cohort_steps": list(counts),  # the order of the exclusion steps (JSON objects keep no order)
         "alignment": ALIGNMENT,
         "hold_hours": {m.name: m.hold_hours for m in feat.MEASURED},
         "extras": {
