@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import statistics
 import sys
 import time
@@ -47,9 +48,11 @@ from cleansepsis.env import (  # re-exported API
     random_policy,
     reference_values,
     reset,
+    reset_batch,
     rollout_episodes,
     step,
     step_autoreset,
+    step_autoreset_batch,
     value_iteration,
 )
 
@@ -75,9 +78,11 @@ __all__ = [
     "random_policy",
     "reference_values",
     "reset",
+    "reset_batch",
     "rollout_episodes",
     "step",
     "step_autoreset",
+    "step_autoreset_batch",
     "value_iteration",
 ]
 
@@ -148,19 +153,23 @@ def baselines(json_output: JsonFlag = False) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnames=("n_steps",))
-def _jax_rollout(key, state: EnvState, params: EnvParams, n_steps: int):
+@partial(jax.jit, static_argnames=("n_steps", "batched"))
+def _jax_rollout(key, state: EnvState, params: EnvParams, n_steps: int, batched: bool = True):
     """`n_steps` steps of a batch of auto-resetting envs with uniform random actions, through the public
-    `step_autoreset`; returns the final state and checksums so that nothing is optimised away."""
+    `step_autoreset_batch` (batched=True) or `vmap(step_autoreset)` over split keys; returns the final
+    state and checksums so that nothing is optimised away."""
 
     def body(carry, step_key):
         state, reward_sum, obs_sum = carry
         action_key, step_key = jax.random.split(step_key)
         batch = state.state_index.shape[0]
         actions = jax.random.randint(action_key, (batch,), 0, N_ACTIONS)
-        obs, state, reward, _, _, _ = jax.vmap(step_autoreset, in_axes=(0, 0, 0, None))(
-            jax.random.split(step_key, batch), state, actions, params
-        )
+        if batched:
+            obs, state, reward, *_ = step_autoreset_batch(step_key, state, actions, params)
+        else:
+            obs, state, reward, *_ = jax.vmap(step_autoreset, in_axes=(0, 0, 0, None))(
+                jax.random.split(step_key, batch), state, actions, params
+            )
         return (state, reward_sum + reward.sum(), obs_sum + obs.sum()), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -169,19 +178,19 @@ def _jax_rollout(key, state: EnvState, params: EnvParams, n_steps: int):
     return state, reward_sum, obs_sum
 
 
-def bench_jax(n_envs: int, n_steps: int, repeats: int, obs_mode: str = "index") -> list[float]:
-    """Env steps per second of the JAX env, one figure per repeat (after one compile run)."""
+def jax_bench_runner(n_envs: int, n_steps: int, obs_mode: str = "index", batched: bool = True):
+    """A function that times one run of the JAX env and returns its steps per second (compiled here)."""
     params = load_params(obs_mode=obs_mode)
-    keys = jax.random.split(jax.random.key(0), n_envs)
-    _, state = jax.vmap(reset, in_axes=(0, None))(keys, params)
-    jax.block_until_ready(_jax_rollout(jax.random.key(1), state, params, n_steps))
-    rates = []
-    for i in range(repeats):
+    _, state = reset_batch(jax.random.key(0), params, n_envs)
+    jax.block_until_ready(_jax_rollout(jax.random.key(1), state, params, n_steps, batched))
+    runs = iter(range(2, 1 << 30))
+
+    def run() -> float:
         start = time.perf_counter()
-        out = _jax_rollout(jax.random.key(2 + i), state, params, n_steps)
-        jax.block_until_ready(out)
-        rates.append(n_envs * n_steps / (time.perf_counter() - start))
-    return rates
+        jax.block_until_ready(_jax_rollout(jax.random.key(next(runs)), state, params, n_steps, batched))
+        return n_envs * n_steps / (time.perf_counter() - start)
+
+    return run
 
 
 def _reference_env_class():
@@ -194,39 +203,45 @@ def _reference_env_class():
     return ReferenceEnv
 
 
-def bench_reference(n_steps: int, repeats: int) -> list[float]:
-    """Env steps per second of the reference icu-sepsis Gymnasium env in a Python loop, random actions."""
+def reference_bench_runner(n_steps: int):
+    """A function that times one run of the reference icu-sepsis Gymnasium env (Python loop, random
+    actions, reset on episode end) and returns its steps per second."""
     env = _reference_env_class()()
     actions = np.random.default_rng(0).integers(0, 5, size=(n_steps, 2))
-    rates = []
-    for _ in range(repeats):
-        env.reset(seed=0)
+    env.reset(seed=0)
+
+    def run() -> float:
+        env.reset()
         start = time.perf_counter()
         for action in actions:
             _, _, terminated, truncated, _ = env.step(action)
             if terminated or truncated:
                 env.reset()
-        rates.append(n_steps / (time.perf_counter() - start))
-    return rates
+        return n_steps / (time.perf_counter() - start)
+
+    return run
 
 
 def bench_results(n_envs: int, n_steps: int, repeats: int, reference_steps: int) -> dict[str, float]:
-    reference = bench_reference(reference_steps, repeats)
-    jax_index = bench_jax(n_envs, n_steps, repeats, obs_mode="index")
-    jax_vector = bench_jax(n_envs, n_steps, repeats, obs_mode="vector")
-    with open("/proc/loadavg") if sys.platform.startswith("linux") else contextlib.nullcontext() as f:
-        load = float(f.read().split()[0]) if f else float("nan")
-    result = {
-        "reference_steps_per_s": statistics.median(reference),
-        "jax_index_steps_per_s": statistics.median(jax_index),
-        "jax_vector_steps_per_s": statistics.median(jax_vector),
-        "n_envs": n_envs,
-        "n_steps": n_steps,
-        "repeats": repeats,
-        "load_average_1min": load,
+    """Medians of `repeats` interleaved timed runs of each env in this one process, and their ratios."""
+    runners = {
+        "reference_steps_per_s": reference_bench_runner(reference_steps),
+        "jax_batch_index_steps_per_s": jax_bench_runner(n_envs, n_steps, "index", batched=True),
+        "jax_batch_vector_steps_per_s": jax_bench_runner(n_envs, n_steps, "vector", batched=True),
+        "jax_vmap_keys_index_steps_per_s": jax_bench_runner(n_envs, n_steps, "index", batched=False),
     }
-    result["ratio_index"] = result["jax_index_steps_per_s"] / result["reference_steps_per_s"]
-    result["ratio_vector"] = result["jax_vector_steps_per_s"] / result["reference_steps_per_s"]
+    # Interleaved rounds, so that a change in the machine's load hits every variant alike.
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for round_index in range(repeats):
+        for name, run in runners.items():
+            rates[name].append(run())
+        print(f"bench: round {round_index + 1}/{repeats} done", file=sys.stderr, flush=True)
+    result = {name: statistics.median(values) for name, values in rates.items()}
+    reference = result["reference_steps_per_s"]
+    for name in [k for k in result if k.startswith("jax_")]:
+        result[name.replace("_steps_per_s", "_ratio")] = result[name] / reference
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    result.update(n_envs=n_envs, n_steps=n_steps, repeats=repeats, load_average_1min=load)
     return result
 
 
@@ -252,13 +267,16 @@ def bench(
     if json_output:
         print(json.dumps(result, indent=2, sort_keys=True))
         return
-    print(f"reference icu-sepsis env (Python loop): {result['reference_steps_per_s']:>12,.0f} steps/s")
-    print(f"JAX env, {n_envs} envs, obs index:       {result['jax_index_steps_per_s']:>12,.0f} steps/s "
-          f"({result['ratio_index']:.0f}x)")
-    print(f"JAX env, {n_envs} envs, obs vector:      {result['jax_vector_steps_per_s']:>12,.0f} steps/s "
-          f"({result['ratio_vector']:.0f}x)")
-    print(f"medians of {repeats} runs; 1-minute load average {result['load_average_1min']:.1f} on "
-          f"{jax.local_device_count()} device(s)")
+    labels = {
+        "reference": "reference icu-sepsis env, Python loop",
+        "jax_batch_index": f"JAX step_autoreset_batch, {n_envs} envs, obs index",
+        "jax_batch_vector": f"JAX step_autoreset_batch, {n_envs} envs, obs vector",
+        "jax_vmap_keys_index": f"JAX vmap(step_autoreset) over keys, {n_envs} envs, obs index",
+    }
+    for key, label in labels.items():
+        ratio = "" if key == "reference" else f"  ({result[key + '_ratio']:.0f}x)"
+        print(f"{label:58s} {result[key + '_steps_per_s']:>12,.0f} steps/s{ratio}")
+    print(f"medians of {repeats} runs in this process; 1-minute load average {result['load_average_1min']:.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,3 +237,21 @@ def test_gymnasium_env_passes_check_env_and_make():
             done = terminated or truncated
         returns.append(total)
     assert 0.5 < np.mean(returns) < 1.0  # admissible actions only: no instant deaths under 'terminate'
+
+
+def test_batched_reset_and_step_match_the_single_env_semantics(params):
+    obs, state = jax.jit(E.reset_batch, static_argnums=2)(jax.random.key(0), params, 512)
+    assert obs.shape == (512, E.OBS_DIM) and state.state_index.shape == (512,)
+    assert not bool(jnp.any(params.terminal[state.state_index]))
+    step = jax.jit(E.step_autoreset_batch)
+    obs, new_state, reward, terminated, _, info = step(jax.random.key(1), state, jnp.zeros(512, jnp.int32), params)
+    ended = np.asarray(terminated)
+    np.testing.assert_array_equal(np.asarray(new_state.time), np.where(ended, 0, 1))
+    np.testing.assert_array_equal(np.asarray(reward), np.asarray(info["next_state_index"]) == E.SURVIVAL)
+    np.testing.assert_array_equal(obs, params.state_vectors[new_state.state_index])
+    np.testing.assert_array_equal(info["final_obs"], params.state_vectors[info["next_state_index"]])
+    again = step(jax.random.key(1), state, jnp.zeros(512, jnp.int32), params)
+    np.testing.assert_array_equal(again[1].state_index, new_state.state_index)
+    # The next states follow the shipped dynamics: every drawn transition has positive probability.
+    tx = E.shipped_arrays()["tx_mat"]
+    assert tx[np.asarray(state.state_index), 0, np.asarray(info["next_state_index"])].min() > 0
