@@ -252,9 +252,9 @@ def bench(
     repeats: int = 5,
     reference_steps: int = 20_000,
 ) -> None:
-    """Steps per second of the JAX env (a vmapped batch of auto-resetting envs in `lax.scan`, random
-    actions) and of the reference icu-sepsis env (Python loop), measured in the same run; medians over
-    repeats and their ratio.
+    """Steps per second of the JAX env (a batch of auto-resetting envs in `lax.scan`, random actions)
+    and of the reference icu-sepsis env (Python loop, random actions), measured in the same process in
+    interleaved rounds; medians over the rounds and the ratios.
 
     Args:
         json_output: print JSON instead of text.

@@ -211,11 +211,16 @@ def test_step_autoreset_resets_after_terminal(params):
     np.testing.assert_array_equal(np.asarray(reward), np.asarray(info["next_state_index"]) == E.SURVIVAL)
 
 
-def test_truncation_at_max_steps():
-    p = E.load_params(max_steps=2)
+def test_truncation_at_max_steps_and_vmap_over_params():
+    """Params are a pytree: a stack of two variants (max_steps 2 and 500) vmaps like any batch."""
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), E.load_params(max_steps=2), E.load_params())
     state = E.EnvState(state_index=jnp.int32(0), time=jnp.int32(1))
-    _, _, _, terminated, truncated = _vmapped_step(jax.random.split(jax.random.key(0), 100), state, 0, p)
-    np.testing.assert_array_equal(np.asarray(truncated), ~np.asarray(terminated))
+    keys = jax.random.split(jax.random.key(0), 100)
+    over_params = jax.vmap(_vmapped_step, in_axes=(None, None, None, 0))
+    _, next_state, _, terminated, truncated = jax.jit(over_params)(keys, state, 0, stacked)
+    np.testing.assert_array_equal(np.asarray(truncated[0]), ~np.asarray(terminated[0]))  # cut at step 2
+    assert not bool(truncated[1].any())
+    np.testing.assert_array_equal(next_state.state_index[0], next_state.state_index[1])  # same keys, same draws
 
 
 def test_gymnasium_env_passes_check_env_and_make():
