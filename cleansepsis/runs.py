@@ -6,12 +6,13 @@ How an algorithm file uses it (see iql.py for a complete one):
 
     replay, train_data, env_params = runs.load_training_data(args.replay)
     settings, hparams = runs.make_hparam_grid({"tau": args.tau, "beta": args.beta})
-    train = make_train(args, train_data, env_params)      # pure train(key, hparams) -> (policy, metrics)
+    train = make_train(args, train_data, env_params)      # pure train(key, hparams[, inputs]) -> (policy, metrics)
     # inside train's outer scan, once per evaluation:
     #     ret, length = runs.exact_evaluation(env_params, logits_716x25, "greedy")
     #     runs.tick()                                      # advances the progress bar
     seeds = runs.seed_list(args.seed, args.num_seeds)
-    (policy, metrics), timing = runs.run_sweep(train, seeds, hparams, n_ticks=n_evals)
+    (policy, metrics), timing = runs.run_sweep(train, seeds, hparams, n_ticks=n_evals,
+                                               inputs=(train_data, env_params))  # arguments, not constants
     runs.check_finite(metrics, settings, seeds)            # raises NonFiniteError naming step/seed/term
     runs.print_results_table("iql", settings, seeds, metrics, reference)
     runs.finish_run(algo="iql", args=args, replay=replay, settings=settings, seeds=seeds, steps=steps,
@@ -49,8 +50,13 @@ from cleansepsis.replay import Replay, ReplayError, Transitions, load_replay
 
 ICU_SEPSIS_SOURCE = "icu-sepsis"
 EVAL_KINDS = ("greedy", "softmax")
-# Metrics that describe the policy rather than a loss; not checked for finiteness as losses.
+# Metrics that describe the policy rather than a loss (any name ending in _return or _length); they are
+# not checked for finiteness as losses. These ones are also copied into summary.json and checkpoints.
 POLICY_METRICS = ("exact_return", "mean_length", "greedy_return", "greedy_length")
+
+
+def is_policy_metric(name: str) -> bool:
+    return name.endswith(("_return", "_length"))
 
 
 class RunError(ValueError):
@@ -104,13 +110,24 @@ def load_training_data(replay_path: str | Path | None, split: str = "train") -> 
     return replay, data, env_params
 
 
+# Reference policies shown beside results: our name -> the name in env.reference_values.
+REFERENCE_POLICIES = {
+    "clinician": "clinician_renormalised",
+    "greedy_clinician": "greedy_clinician",
+    "random": "random",
+    "optimal": "optimal",
+}
+
+
 def reference_values(env_params: Any) -> dict[str, float]:
-    """Clinician, random and optimal exact returns of the ICU-Sepsis MDP (empty without env params)."""
+    """Exact returns of the clinician (renormalised to admissible actions), greedy clinician, random and
+    optimal policies of the ICU-Sepsis MDP (empty without env params)."""
     if env_params is None:
         return {}
     from cleansepsis import env
 
-    return {k: float(v) for k, v in env.reference_values(env_params).items()}
+    table = env.reference_values(env_params)
+    return {ours: float(table[theirs]["expected_return"]) for ours, theirs in REFERENCE_POLICIES.items()}
 
 
 def sample_batch(key: jax.Array, data: Transitions, batch_size: int) -> Transitions:
@@ -170,22 +187,43 @@ def admissible_softmax(scores: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     return jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
 
 
+def scores_to_policy(env_params: Any, scores: jnp.ndarray, kind: str) -> jnp.ndarray:
+    """(716, n_actions) policy of Q-values or logits: "greedy" = argmax over admissible actions,
+    "softmax" = softmax restricted to admissible actions."""
+    from cleansepsis import env
+
+    if kind == "greedy":
+        return env.greedy_admissible(scores, env_params.admissible_mask).astype(jnp.float32)
+    if kind == "softmax":
+        return admissible_softmax(scores, env_params.admissible_mask).astype(jnp.float32)
+    raise RunError(f"unknown evaluation kind {kind!r}; expected one of {EVAL_KINDS}")
+
+
 def exact_evaluation(env_params: Any, scores: jnp.ndarray, kind: str = "greedy") -> tuple[jnp.ndarray, ...]:
     """Exact (expected return, mean episode length) on ICU-Sepsis of the policy given by `scores`, the
     (716, n_actions) Q-values or logits of the network applied to `env_params.state_vectors`.
 
     kind "greedy": argmax over admissible actions; "softmax": softmax restricted to admissible actions.
-    Jittable and vmappable."""
+    Jittable and vmappable. To evaluate several policies in one step, use `exact_evaluations` (one solve):
+    on 2 CPU threads, two independent batched LU solves in one program can deadlock jaxlib (each blocks a
+    pool thread waiting for sub-tasks that need the other; seen with jaxlib 0.10.2)."""
     from cleansepsis import env
 
-    if kind == "greedy":
-        policy = env.greedy_admissible(scores, env_params.admissible_mask)
-    elif kind == "softmax":
-        policy = admissible_softmax(scores, env_params.admissible_mask)
-    else:
-        raise RunError(f"unknown evaluation kind {kind!r}; expected one of {EVAL_KINDS}")
-    expected_return, mean_length = env.policy_evaluation(policy.astype(jnp.float32), env_params)
+    expected_return, mean_length = env.policy_evaluation(scores_to_policy(env_params, scores, kind), env_params)
     return expected_return, mean_length
+
+
+def exact_evaluations(
+    env_params: Any, policies: Mapping[str, tuple[jnp.ndarray, str]]
+) -> dict[str, tuple[jnp.ndarray, jnp.ndarray]]:
+    """Several policies evaluated exactly by one batched solve: {name: (scores, kind)} ->
+    {name: (expected return, mean length)}. See `exact_evaluation` for why one solve."""
+    from cleansepsis import env
+
+    names = list(policies)
+    stacked = jnp.stack([scores_to_policy(env_params, *policies[n]) for n in names])  # (k, 716, n_actions)
+    returns, lengths = env.policy_evaluation(stacked, env_params)
+    return {n: (returns[i], lengths[i]) for i, n in enumerate(names)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,18 +249,27 @@ def run_sweep(
     hparams: dict[str, jnp.ndarray],
     n_ticks: int,
     desc: str = "training",
+    inputs: Any = None,
 ) -> tuple[Any, dict[str, float]]:
     """Compile `train` once for all settings x seeds, run it with a progress bar, and time both.
 
-    Returns (train's outputs with leading axes (n_settings, n_seeds), timing) where timing has
-    compile_seconds and train_seconds."""
+    `inputs` (optional): a pytree of arrays (the replay, env params) passed as `train(key, hparams, inputs)`
+    rather than closed over; closed-over arrays become constants in the program, and tens of megabytes of
+    constants make XLA compile slowly. Returns (train's outputs with leading axes (n_settings, n_seeds),
+    timing) where timing has compile_seconds and train_seconds."""
     from tqdm.auto import tqdm
 
     keys = seed_keys(seeds)
-    over_seeds = jax.vmap(train, in_axes=(0, None))
-    over_settings = jax.vmap(over_seeds, in_axes=(None, 0))
+    if inputs is None:
+        over_seeds = jax.vmap(train, in_axes=(0, None))
+        over_settings = jax.vmap(over_seeds, in_axes=(None, 0))
+        args = (keys, hparams)
+    else:
+        over_seeds = jax.vmap(train, in_axes=(0, None, None))
+        over_settings = jax.vmap(over_seeds, in_axes=(None, 0, None))
+        args = (keys, hparams, inputs)
     t0 = time.perf_counter()
-    compiled = jax.jit(over_settings).lower(keys, hparams).compile()
+    compiled = jax.jit(over_settings).lower(*args).compile()
     compile_seconds = time.perf_counter() - t0
     n_settings = int(next(iter(hparams.values())).shape[0]) if hparams else 1
     total = n_ticks * n_settings * len(seeds)
@@ -230,7 +277,7 @@ def run_sweep(
         _progress["bar"] = bar
         try:
             t0 = time.perf_counter()
-            out = jax.block_until_ready(compiled(keys, hparams))
+            out = jax.block_until_ready(compiled(*args))
             jax.effects_barrier()
             train_seconds = time.perf_counter() - t0
         finally:
@@ -251,11 +298,10 @@ def check_finite(
     settings: Sequence[Mapping[str, float]],
     seeds: Sequence[int],
     steps: Sequence[int] | None = None,
-    skip: Sequence[str] = POLICY_METRICS,
 ) -> None:
     """Raise NonFiniteError at the first non-finite loss: its step, setting, seed and term."""
     for name, values in to_numpy(metrics).items():
-        if name in skip:
+        if is_policy_metric(name):
             continue
         bad = ~np.isfinite(values)
         if bad.any():
@@ -284,7 +330,7 @@ def results_table(
     metrics = to_numpy(metrics)
     columns = [c for c in columns if c in metrics]
     if not columns:  # no env: show the final losses instead
-        columns = [k for k in metrics if k not in POLICY_METRICS][:3]
+        columns = [k for k in metrics if not is_policy_metric(k)][:3]
     width = max([len(_fmt_setting(s)) for s in settings] + [len(algo) + 12, 24])
     lines = [f"{algo}: final values, mean +- std over {len(seeds)} seed(s)"]
     lines.append(f"{'setting':<{width}}  " + "  ".join(f"{c:>19}" for c in columns))
@@ -381,7 +427,7 @@ def plot_curves(
 
     metrics = to_numpy(metrics)
     names = [n for n in ("exact_return", "greedy_return") if n in metrics]
-    names += [n for n in metrics if n not in POLICY_METRICS][: max(1, 4 - len(names))]
+    names += [n for n in metrics if not is_policy_metric(n)][: max(1, 4 - len(names))]
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
     steps = np.asarray(steps)
     for ax, name in zip(axes[0], names, strict=True):

@@ -1,0 +1,173 @@
+"""Behaviour cloning of the logged policy: the clinician baseline, and a behaviour model for off-policy
+evaluation.
+
+A softmax policy network is fitted by maximum likelihood to the data's actions (softmax over the admissible
+actions when the replay has action masks; the data's own action always counts). It acts stochastically
+(softmax restricted to admissible actions); its greedy value (argmax over admissible actions) is reported
+beside it. Held-out accuracy and log-likelihood per transition are reported on `val`/`test` when present.
+
+    python bc.py                                   # 5 seeds on the ICU-Sepsis clinician replay
+    python bc.py --learning-rate 1e-3 3e-4 --weight-decay 0 1e-4 --replay data/icu100k.parquet
+
+Every `--learning-rate` and `--weight-decay` value is crossed with the others and the seeds, and all of
+them train in one compiled program.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import chex
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+
+from cleansepsis import runs
+from cleansepsis.checkpoint import linear_layers
+from cleansepsis.replay import SPLITS, Transitions
+
+
+@dataclass(frozen=True)
+class Args:
+    replay: str | None = None
+    """replay parquet to train on; default: the built-in ICU-Sepsis clinician replay (10,000 episodes)"""
+    learning_rate: tuple[float, ...] = (1e-3,)
+    """Adam learning rate; several values are swept"""
+    weight_decay: tuple[float, ...] = (0.0,)
+    """decoupled weight decay (AdamW); several values are swept"""
+    hidden: int = 128
+    """width of the hidden layers"""
+    depth: int = 2
+    """number of hidden layers"""
+    batch_size: int = 256
+    """transitions per update"""
+    num_updates: int = 10_000
+    """gradient updates per policy"""
+    eval_every: int = 1_000
+    """updates between evaluations (exact on ICU-Sepsis replays, held-out likelihood when val/test exist)"""
+    seed: int = 0
+    """first seed; seeds are seed, seed+1, ..."""
+    num_seeds: int = 5
+    """number of seeds trained at once"""
+    name: str = "default"
+    """run name, part of the run folder's name"""
+    run_dir: str | None = None
+    """run folder; default runs/bc__<name>__<time>"""
+    overwrite: bool = False
+    """replace an existing --run-dir"""
+
+    @property
+    def num_evals(self) -> int:
+        return self.num_updates // self.eval_every
+
+
+def make_mlp(in_size: int, out_size: int, args: Args, key: jax.Array) -> eqx.nn.MLP:
+    return eqx.nn.MLP(in_size, out_size, args.hidden, args.depth, activation=jax.nn.relu, key=key)
+
+
+def masked_log_probs(logits: jnp.ndarray, mask: jnp.ndarray, action: jnp.ndarray) -> jnp.ndarray:
+    """log pi(.|s) over the admissible actions plus the data's own action; (batch, n_actions)."""
+    mask = mask | jax.nn.one_hot(action, logits.shape[-1], dtype=bool)
+    return jax.nn.log_softmax(jnp.where(mask, logits, -1e9), axis=-1)
+
+
+def nll_and_accuracy(logits: jnp.ndarray, mask: jnp.ndarray, action: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+    """Per-transition negative log-likelihood of the data's actions, and whether the argmax hits them."""
+    chex.assert_rank(logits, 2)
+    log_pi = masked_log_probs(logits, mask, action)
+    nll = -jnp.take_along_axis(log_pi, action[:, None], axis=1)[:, 0]
+    hit = jnp.argmax(log_pi, axis=-1) == action
+    return nll, hit.astype(jnp.float32)
+
+
+def make_train(args: Args, data: Transitions, held_out: dict[str, Transitions], env_params: Any):
+    """A pure train(key, hparams[, inputs]) -> (final params, metrics (num_evals,)) for one seed and one
+    setting; inputs defaults to (data, held_out, env_params)."""
+    obs_dim, n_actions = data.obs.shape[1], data.action_mask.shape[1]
+    static = eqx.partition(make_mlp(obs_dim, n_actions, args, jax.random.PRNGKey(0)), eqx.is_array)[1]
+
+    def logits_of(params, obs):  # (batch, n_actions)
+        return jax.vmap(eqx.combine(params, static))(obs)
+
+    def loss(params, batch: Transitions):
+        nll, hit = nll_and_accuracy(logits_of(params, batch.obs), batch.action_mask, batch.action)
+        return nll.mean(), {"nll": nll.mean(), "train_accuracy": hit.mean()}
+
+    def train(key: jax.Array, hparams: dict, inputs=(data, held_out, env_params)) -> tuple[Any, dict]:
+        data, held_out, env_params = inputs  # passed as arguments by run_sweep: not compiled in as constants
+        key, init_key = jax.random.split(key)
+        params = eqx.filter(make_mlp(obs_dim, n_actions, args, init_key), eqx.is_array)
+        optimiser = optax.inject_hyperparams(optax.adamw)(
+            learning_rate=hparams["learning_rate"], weight_decay=hparams["weight_decay"]
+        )
+        opt_state = optimiser.init(params)
+
+        def update(carry, _):
+            params, opt_state, key = carry
+            key, batch_key = jax.random.split(key)
+            batch = runs.sample_batch(batch_key, data, args.batch_size)
+            (_, info), grads = jax.value_and_grad(loss, has_aux=True)(params, batch)
+            updates, opt_state = optimiser.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state, key), info
+
+        def evaluate(carry, _):
+            carry, infos = jax.lax.scan(update, carry, None, length=args.eval_every)
+            metrics = jax.tree.map(jnp.mean, infos)
+            params = carry[0]
+            for name, split in held_out.items():
+                nll, hit = nll_and_accuracy(logits_of(params, split.obs), split.action_mask, split.action)
+                metrics |= {f"{name}_nll": nll.mean(), f"{name}_accuracy": hit.mean()}
+            if env_params is not None:
+                logits = logits_of(params, env_params.state_vectors)
+                result = runs.exact_evaluations(env_params, {"stochastic": (logits, "softmax"),
+                                                             "greedy": (logits, "greedy")})
+                (ret, length), (greedy_ret, _) = result["stochastic"], result["greedy"]
+                metrics |= {"exact_return": ret, "mean_length": length, "greedy_return": greedy_ret}
+            runs.tick()
+            return carry, metrics
+
+        (params, _, _), metrics = jax.lax.scan(evaluate, (params, opt_state, key), None, length=args.num_evals)
+        return params, metrics
+
+    return train, static
+
+
+def export_policy(params: Any, static: Any, depth: int) -> tuple[dict[str, np.ndarray], dict]:
+    names = [f"hidden_{i}" for i in range(depth)] + ["output"]
+    network = {"kind": "mlp", "activation": "relu", "hidden": names[:-1], "output": "output"}
+    return linear_layers(eqx.combine(params, static), names), network
+
+
+def main() -> None:
+    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    if args.num_evals < 1:
+        raise runs.RunError(f"--num-updates {args.num_updates} is smaller than --eval-every {args.eval_every}")
+    replay, data, env_params = runs.load_training_data(args.replay)
+    present = set(np.unique(np.asarray(replay.data.split)).tolist())
+    held_out = {name: replay.split(name) for name in ("val", "test") if SPLITS.index(name) in present}
+    settings, hparams = runs.make_hparam_grid({"learning_rate": args.learning_rate, "weight_decay": args.weight_decay})
+    seeds = runs.seed_list(args.seed, args.num_seeds)
+    train, static = make_train(args, data, held_out, env_params)
+    (params, metrics), timing = runs.run_sweep(
+        train, seeds, hparams, n_ticks=args.num_evals, desc="bc", inputs=(data, held_out, env_params)
+    )
+    steps = np.arange(1, args.num_evals + 1) * args.eval_every
+    runs.check_finite(metrics, settings, seeds, steps)
+    reference = runs.reference_values(env_params)
+    columns = ["exact_return", "greedy_return"] + [f"{n}_{m}" for n in held_out for m in ("accuracy", "nll")]
+    runs.print_results_table("bc", settings, seeds, metrics, reference, columns=columns)
+    path = runs.finish_run(
+        algo="bc", args=args, replay=replay, settings=settings, seeds=seeds, steps=steps, metrics=metrics,
+        export=lambda s, i: export_policy(runs.index_run(params, s, i), static, args.depth),
+        outputs="logits", timing=timing, n_updates=args.num_updates, reference=reference,
+        run_dir=args.run_dir, name=args.name, overwrite=args.overwrite,
+    )
+    print(f"compile {timing['compile_seconds']:.1f} s, train {timing['train_seconds']:.1f} s; wrote {path}")
+
+
+if __name__ == "__main__":
+    runs.cli_main(main)
