@@ -34,7 +34,7 @@ def variable_summary(obs_rows: pl.DataFrame) -> dict[str, dict]:
     return out
 
 
-def save_heatmap(counts: np.ndarray, path: Path, edges: dict) -> None:
+def save_heatmap(counts: np.ndarray, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +76,7 @@ def write_report(
         "window_hours": meta["window_hours"],
     }
     (folder / "report.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    save_heatmap(counts, folder / "action_heatmap.png", meta["action_bins"])
+    save_heatmap(counts, folder / "action_heatmap.png")
     lines = [
         "# MIMIC-IV Sepsis-3 replay: data report",
         "",
