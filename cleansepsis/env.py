@@ -133,8 +133,10 @@ def shipped_arrays() -> dict[str, np.ndarray]:
     return arrays
 
 
+@functools.cache
 def transition_matrix(strategy: str) -> np.ndarray:
-    """Float64 (716, 25, 716) transition probabilities with the inadmissible-action strategy applied."""
+    """Float64 (716, 25, 716) transition probabilities with the inadmissible-action strategy applied
+    (read-only, cached)."""
     _check_choice("strategy", strategy, STRATEGIES)
     raw = shipped_arrays()
     if strategy == "mean":  # the shipped rows of inadmissible actions already are the admissible mean
@@ -143,6 +145,7 @@ def transition_matrix(strategy: str) -> np.ndarray:
     inadmissible = ~raw["admissible_mask"]
     tx[inadmissible] = 0.0
     tx[inadmissible, DEATH] = 1.0
+    tx.flags.writeable = False
     return tx
 
 
@@ -271,7 +274,7 @@ class EnvState(eqx.Module):
 
 
 def load_params(strategy: str = "mean", obs_mode: str = "vector", max_steps: int = MAX_STEPS) -> EnvParams:
-    """The ICU-Sepsis MDP as an EnvParams pytree.
+    """The ICU-Sepsis MDP as an EnvParams pytree (cached: equal arguments give the same immutable object).
 
     strategy: what an inadmissible action does: 'mean' (the shipped rows: the mean of the admissible
         actions' rows) or 'terminate' (the patient dies).
@@ -281,6 +284,11 @@ def load_params(strategy: str = "mean", obs_mode: str = "vector", max_steps: int
     _check_choice("obs_mode", obs_mode, OBS_MODES)
     if int(max_steps) < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+    return _load_params(strategy, obs_mode, int(max_steps))
+
+
+@functools.cache
+def _load_params(strategy: str, obs_mode: str, max_steps: int) -> EnvParams:
     raw = shipped_arrays()
     tables = _numpy_params(strategy)
     terminal = np.zeros(N_STATES, bool)
