@@ -224,3 +224,14 @@ def test_dose_levels_and_edges():
     levels = act.dose_level(np.array([0.0, np.nan, 0.5, 2.0, 2.5, 3.0, 4.0, 4.1]), edges)
     assert levels.tolist() == [0, 0, 1, 1, 2, 2, 3, 4]
     assert act.encode_action(np.array([4, 0]), np.array([0, 3])).tolist() == [20, 3]
+
+
+def test_same_input_same_replay(tmp_path):
+    case = septic_patient(Case(), 1, los_h=12.0)
+    septic_patient(case, 2, los_h=10.0).chart(2, 3.0, MAP_ID, 64.0)
+    folder = case.write(tmp_path / "mimic")
+    hashes = []
+    for name in ("a", "b"):
+        run(MimicArgs(mimic_dir=folder, out=tmp_path / name, quiet=True))
+        hashes.append(load_replay(tmp_path / name / "replay.parquet").content_hash)
+    assert hashes[0] == hashes[1]
