@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import polars as pl
 
-# Drug-name fragments (lower case) of mimic-code's antibiotic list (a subset of its brand names).
+# Drug-name fragments (lower case) from mimic-code's antibiotic list (generic and brand names; not all of them),
+# plus a few generics it spells by brand only (daptomycin, ertapenem, imipenem, tigecycline).
 ANTIBIOTIC_NAMES = (
     "amikacin", "amoxicill", "ampicillin", "augmentin", "avelox", "azactam", "azithromycin", "aztreonam",
     "bactrim", "biaxin", "cefazolin", "cefoxitin", "ceftazidime", "cefaclor", "cefadroxil", "cefdinir",
@@ -27,6 +28,10 @@ ANTIBIOTIC_NAMES = (
     "ofloxacin", "oxacillin", "penicillin", "piperacillin", "rifampin", "rocephin", "septra", "smz-tmp",
     "streptomycin", "sulfamethoxazole", "tazobactam", "tetracycline", "tigecycline", "tobramycin",
     "trimethoprim", "unasyn", "vancocin", "vancomycin", "zosyn", "zyvox",
+    "amikin", "bactocill", "bicillin", "cayston", "cedax", "cephalothin", "cephapirin", "doryx", "duricef",
+    "dynacin", "erythrocin", "factive", "furadantin", "garamycin", "lincocin", "macrodantin", "mefoxin",
+    "minocin", "monurol", "omnicef", "pfizerpen", "rifadin", "spectracef", "sulfadiazine", "sulfisoxazole",
+    "suprax", "synercid", "tazicef", "timentin", "vantin", "vibativ", "vibramycin", "zinacef", "zithromax",
 )  # fmt: skip
 EXCLUDED_ROUTES = ("OU", "OS", "OD", "AU", "AS", "AD", "TP")
 EXCLUDED_WORDS = ("cream", "desensitization", "ophth oint", "gel")
