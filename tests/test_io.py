@@ -48,3 +48,19 @@ def test_write_json_is_deterministic(tmp_path):
     write_json(tmp_path / "a.json", {"a": [1, 2], "b": 1})
     assert (tmp_path / "a.json").read_bytes() == first
     assert json.loads(first) == {"a": [1, 2], "b": 1}
+
+
+def test_outputs_get_the_usual_permissions_not_private_temp_ones(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "f.txt") as tmp:
+            tmp.write_text("x")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "a").write_text("1")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
