@@ -33,13 +33,14 @@ import numpy as np
 
 
 def _single_thread_lapack() -> None:
-    """Load scipy's OpenBLAS (which jax uses for LU solves on CPU) with one thread.
+    """Load scipy's OpenBLAS (which jax uses for LU solves on CPU) with one thread, before the first solve.
 
     On a busy 2-core machine its threads spin against each other: a 713x713 solve took 350-430 ms with
     the default threads and 30-37 ms with one (measured here). Left alone when the user set
-    OPENBLAS_NUM_THREADS or scipy.linalg is already loaded.
+    OPENBLAS_NUM_THREADS or scipy.linalg is already loaded. Called when a solve is first traced rather
+    than at import, which spares scripts that never solve the 1-2 s import of scipy.linalg.
     """
-    if "OPENBLAS_NUM_THREADS" in os.environ or "scipy.linalg" in sys.modules:
+    if "scipy.linalg" in sys.modules or "OPENBLAS_NUM_THREADS" in os.environ:
         return
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     try:
@@ -49,8 +50,6 @@ def _single_thread_lapack() -> None:
     finally:
         del os.environ["OPENBLAS_NUM_THREADS"]
 
-
-_single_thread_lapack()
 
 N_STATES = 716
 N_ACTIONS = 25
@@ -450,8 +449,11 @@ def _sample_action(bits: jax.Array, cdf_row: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("n_steps",))
-def _rollout_chunk(key, state_index, time, episode_count, episodes_per_env, policy, cdf, params, n_steps):
-    """`n_steps` auto-reset steps of a batch of envs following a tabular policy, stacked as (n_steps, B)."""
+def _rollout_chunk(key, state_index, time, episode_count, episodes_per_env, policy, params, n_steps):
+    """`n_steps` auto-reset steps of a batch of envs following a tabular policy, stacked as (n_steps, B).
+    Returns (next key, carry), records. Everything per chunk happens in this one compiled program."""
+    key, chunk_key = jax.random.split(key)
+    cdf = policy_cdf(policy)
 
     def one_env(bits, state_index, time, count):
         state = EnvState(state_index=state_index, time=time)
@@ -477,8 +479,8 @@ def _rollout_chunk(key, state_index, time, episode_count, episodes_per_env, poli
         bits = jax.random.bits(step_key, (state_index.shape[0], 5), jnp.uint32)
         return jax.vmap(one_env)(bits, state_index, time, count)
 
-    carry, records = jax.lax.scan(body, (state_index, time, episode_count), jax.random.split(key, n_steps))
-    return carry, records
+    carry, records = jax.lax.scan(body, (state_index, time, episode_count), jax.random.split(chunk_key, n_steps))
+    return (key, carry), records
 
 
 def rollout_episodes(
@@ -504,25 +506,26 @@ def rollout_episodes(
     batch = min(int(n_envs), max(256, 1 << (int(n_episodes) - 1).bit_length()))
     per_env = -(-int(n_episodes) // batch)
     policy = jnp.asarray(policy, jnp.float32)
-    cdf = policy_cdf(policy)
     # Every env starts in the absorbing state with episode count -1: its first step is a dropped no-op
     # that auto-resets it, so the start states are drawn inside the one compiled chunk.
     carry = (jnp.full(batch, ABSORBING, jnp.int32), jnp.zeros(batch, jnp.int32), jnp.full(batch, -1, jnp.int32))
     chunks = []
     steps = 0
+    max_steps = int(params.max_steps)
     while True:
-        key, chunk_key = jax.random.split(key)
-        carry, records = _rollout_chunk(chunk_key, *carry, jnp.int32(per_env), policy, cdf, params, chunk_steps)
+        (key, carry), records = _rollout_chunk(key, *carry, np.int32(per_env), policy, params, chunk_steps)
         chunks.append(records)
         steps += chunk_steps
-        finished = int(jnp.sum(carry[2] >= per_env))
+        finished = int((np.asarray(carry[2]) >= per_env).sum())
         if progress:
             print(f"rollout: {steps} steps, {finished}/{batch} envs done", file=sys.stderr, flush=True)
         if finished == batch:
             break
-        if steps > per_env * (int(params.max_steps) + 1):
+        if steps > per_env * (max_steps + 1):
             raise RuntimeError("rollout did not finish; this cannot happen with a time limit")
-    host = jax.device_get(jax.tree.map(lambda *xs: jnp.concatenate(xs), *chunks))
+    # Concatenate on the host: on the device each number of chunks would compile its own program.
+    chunks = jax.device_get(chunks)
+    host = {k: np.concatenate([chunk[k] for chunk in chunks]) for k in chunks[0]}
     # (T, B) -> (B, T): rows of one env in time order, so its episodes come in order too.
     host = {k: np.ascontiguousarray(v.T).ravel() for k, v in host.items()}
     env_index = np.repeat(np.arange(batch), host["valid"].size // batch)
@@ -595,6 +598,7 @@ def _batched(fn):
 def policy_state_values(policy: jax.Array, params: EnvParams) -> tuple[jax.Array, jax.Array]:
     """Per-state survival probability and expected remaining steps under `policy`, (716,) each (zero at
     terminal states), by one linear solve over the 713 patient states."""
+    _single_thread_lapack()
     policy = policy.astype(params.tx.dtype)
     n = N_PATIENT_STATES
     # Contract the whole tx and slice the small result: slicing tx first copies 51 MB (3x slower).
@@ -666,11 +670,19 @@ def optimal_policy(params: EnvParams) -> jax.Array:
 # Float64 numpy versions, for published reference figures (float32 agrees to about 1e-5).
 
 
+def _solve64(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Float64 LU solve in scipy's single-threaded LAPACK (numpy's threaded one is 10x slower when busy)."""
+    _single_thread_lapack()
+    import scipy.linalg
+
+    return scipy.linalg.solve(matrix, rhs)
+
+
 def _np_policy_evaluation(policy: np.ndarray, tx: np.ndarray, start: np.ndarray) -> tuple[float, float]:
     n = N_PATIENT_STATES
-    p_pi = np.einsum("sa,sat->st", policy[:n], tx[:n])
+    p_pi = np.einsum("sa,sat->st", policy[:n], tx[:n], optimize=True)
     rhs = np.stack([p_pi[:, SURVIVAL], np.ones(n)], axis=1)
-    solution = np.linalg.solve(np.eye(n) - p_pi[:, :n], rhs)
+    solution = _solve64(np.eye(n) - p_pi[:, :n], rhs)
     return float(start[:n] @ solution[:, 0]), float(start[:n] @ solution[:, 1])
 
 
@@ -683,7 +695,7 @@ def _np_optimal_policy(tx: np.ndarray, mask: np.ndarray, tol: float = 1e-12) -> 
     for _ in range(100):
         p_pi = tx[np.arange(n), action[:n]]  # (713, 716)
         values = np.zeros(N_STATES)
-        values[:n] = np.linalg.solve(np.eye(n) - p_pi[:, :n], p_pi[:, SURVIVAL])
+        values[:n] = _solve64(np.eye(n) - p_pi[:, :n], p_pi[:, SURVIVAL])
         q = tx @ (values + target)
         best = np.argmax(np.where(mask, q, -np.inf), axis=1)
         gain = q[np.arange(N_STATES), best] - q[np.arange(N_STATES), action]

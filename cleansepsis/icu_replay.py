@@ -39,6 +39,17 @@ def _check_fractions(val_frac: float, test_frac: float) -> None:
         raise ValueError(f"val_frac + test_frac must be below 1 (no training episodes left), got {val_frac + test_frac}")
 
 
+def clinician_policy_numpy() -> np.ndarray:
+    """The logging policy (716, 25) float32: the shipped clinician policy restricted to admissible
+    actions and renormalised (as `env.clinician_policy(params)`, computed in numpy to spare the small
+    eager JAX programs their compile time)."""
+    raw = E.shipped_arrays()
+    probs = np.where(raw["admissible_mask"], raw["expert_policy"], 0.0)
+    probs /= np.maximum(probs.sum(1, keepdims=True), 1e-300)
+    probs[list(E.TERMINAL_STATES)] = 1.0 / E.N_ACTIONS
+    return probs.astype(np.float32)
+
+
 def episode_splits(n_episodes: int, seed: int, val_frac: float, test_frac: float) -> np.ndarray:
     """Split name per episode (n_episodes,), fixed by the seed: a random `test_frac` of the episodes is
     "test", a random `val_frac` is "val", the rest "train"."""
@@ -69,10 +80,10 @@ def make_clinician_replay(
         raise ValueError(f"episodes must be at least 1, got {episodes}")
     _check_fractions(val_frac, test_frac)
     params = E.load_params(strategy)
-    policy = E.clinician_policy(params, renormalise=True)
+    raw = E.shipped_arrays()
+    policy = clinician_policy_numpy()
     rollout = E.rollout_episodes(jax.random.key(seed), policy, params, episodes, progress=progress)
 
-    raw = E.shipped_arrays()
     vectors = raw["state_cluster_centers"].astype(np.float32)
     mask = raw["admissible_mask"]
     state, next_state = rollout["state_index"], rollout["next_state_index"]
