@@ -162,7 +162,9 @@ def make_hparam_grid(values: Mapping[str, Sequence[float] | float]) -> tuple[lis
 
 
 def seed_list(seed: int, num_seeds: int) -> list[int]:
-    """Seeds seed, seed+1, ...: `--seed 3 --num-seeds 1` repeats seed 3 of a larger run exactly."""
+    """Seeds seed, seed+1, ...: `--seed 3 --num-seeds 1` repeats seed 3 of a larger run (up to float
+    rounding: a different batch size can change the order of XLA's reductions); the same command repeats
+    exactly."""
     if num_seeds < 1:
         raise RunError(f"--num-seeds must be at least 1, got {num_seeds}")
     return [seed + i for i in range(num_seeds)]
