@@ -178,8 +178,13 @@ def make_is_inputs(
 
 
 def _cumulative_weights(inputs: ISInputs) -> jnp.ndarray:
-    w = jnp.cumprod(inputs.rho, axis=1)  # (E, T), padding carries the final weight
-    return w if inputs.clip is None else jnp.minimum(w, inputs.clip)
+    """w_{0:t} (E, T), clipped, then divided by the largest weight at each step: every estimator here
+    normalises per step, so the scale cancels, and products of long episodes cannot overflow float32."""
+    log_w = jnp.cumsum(jnp.log(inputs.rho), axis=1)  # padding has rho 1: carries the final weight
+    if inputs.clip is not None:
+        log_w = jnp.minimum(log_w, jnp.log(inputs.clip))
+    top = log_w.max(axis=0, keepdims=True)
+    return jnp.exp(log_w - jnp.where(jnp.isfinite(top), top, 0.0))
 
 
 def _discounts(inputs: ISInputs) -> jnp.ndarray:
@@ -220,13 +225,14 @@ def wdr(inputs: ISInputs, counts: jnp.ndarray) -> jnp.ndarray:
 
 def weight_stats(inputs: ISInputs) -> dict[str, float]:
     """Largest weight before clipping, share of episode weights clipped, ESS after clipping."""
-    raw = np.asarray(jnp.cumprod(inputs.rho, axis=1)[:, -1], np.float64)
+    raw = np.prod(np.asarray(inputs.rho, np.float64), axis=1)  # float64: long products stay finite longer
     used = raw if inputs.clip is None else np.minimum(raw, inputs.clip)
-    total_sq = float((used**2).sum())
+    scaled = used / used.max() if np.isfinite(used.max()) and used.max() > 0 else np.isinf(used).astype(float)
+    total_sq = float((scaled**2).sum())
     return {
         "max_weight": float(raw.max()),
         "share_clipped": 0.0 if inputs.clip is None else float((raw > inputs.clip).mean()),
-        "ess": float(used.sum() ** 2 / total_sq) if total_sq > 0 else 0.0,
+        "ess": float(scaled.sum() ** 2 / total_sq) if total_sq > 0 else 0.0,
         "share_zero_weight": float((raw == 0).mean()),
         "n_episodes": len(raw),
     }

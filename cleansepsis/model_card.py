@@ -1,0 +1,141 @@
+"""Model cards: a README.md in each checkpoint folder saying what the policy is and how it was measured."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from cleansepsis.io import atomic_file
+
+NOTICE = (
+    "**For research only; not for treating patients.** This policy was learned from retrospective data "
+    "and has not been validated prospectively. It must not be used to make or support treatment decisions."
+)
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _estimate(e: dict[str, Any]) -> str:
+    return f"{_fmt(e.get('estimate'))} [{_fmt(e.get('ci_low'))}, {_fmt(e.get('ci_high'))}]"
+
+
+def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, run: dict[str, Any]) -> str:
+    """The text of a model card. `evaluation` is this policy's entry of evaluation.json (or None);
+    `run` the evaluation's shared settings (replay, split, epsilon, behaviour)."""
+    algo = config.get("algo", "unknown algorithm")
+    outputs = config.get("outputs")
+    acts = (
+        "acts greedily on its Q-values over the admissible actions"
+        if outputs == "q_values"
+        else "samples from the softmax of its logits"
+    )
+    lines = [
+        f"# Model card: {algo} policy, setting {config.get('setting', '?')}, seed {config.get('seed', '?')}",
+        "",
+        NOTICE,
+        "",
+        "## What it is",
+        f"- Algorithm: {algo}; hyperparameters: {config.get('hparams', {})}; seed {config.get('seed')}.",
+        f"- Network: {config.get('network', {}).get('kind')} ({config.get('network', {}).get('activation')}), "
+        f"{config.get('obs_dim')} inputs -> {config.get('n_actions')} outputs ({outputs}); the policy {acts}.",
+        "- Actions: `5 * fluid_level + vaso_level`, each level 0 (none) to 4. Load it with "
+        "`cleansepsis.load_policy(this_folder, replay)`; `decode_action(a)` gives the dose ranges.",
+        "",
+        "## Data and cohort",
+        f"- Replay: `{config.get('replay_path')}` (content hash `{str(config.get('replay_hash'))[:16]}...`), "
+        f"source `{config.get('replay_source')}`, env `{config.get('env_id')}`.",
+        f"- Inputs: {len(config.get('feature_names') or [])} features "
+        f"({', '.join((config.get('feature_names') or [])[:6])}, ...); normalisation: "
+        f"{str(config.get('normalisation'))[:200]}.",
+    ]
+    if config.get("action_bins"):
+        bins = config["action_bins"]
+        lines.append(
+            f"- Dose levels: vasopressor edges {bins.get('vaso_edges')} {bins.get('vaso_unit')}, "
+            f"fluid edges {bins.get('fluid_edges')} {bins.get('fluid_unit')}."
+        )
+    else:
+        lines.append(
+            "- ICU-Sepsis (Choudhary et al. 2024): a tabular MDP built from MIMIC-III with the AI Clinician "
+            "cohort; the dose levels are that cohort's quartile bins."
+        )
+    lines += ["", "## Reward", f"- {run.get('reward') or 'see the replay metadata'}", ""]
+    lines += ["## Evaluation", ""]
+    if evaluation is None:
+        lines.append("Not evaluated yet: run `python -m cleansepsis.evaluate RUN_DIR`.")
+    else:
+        est = evaluation["ope"]["estimators"]
+        weights = evaluation["ope"]["weights"]
+        lines += [
+            f"Measured by `python -m cleansepsis.evaluate` on split `{run.get('split')}` of "
+            f"`{run.get('replay_path')}` ({evaluation['ope']['n_episodes']} episodes, "
+            f"{evaluation['ope']['n_transitions']} transitions); gamma {evaluation['ope']['gamma']}.",
+            f"Behaviour policy: {run.get('behavior', {}).get('source')}. Target softened with epsilon "
+            f"{evaluation['ope']['epsilon']} for importance sampling; clip {evaluation['ope']['clip']}. "
+            "Intervals: 95% bootstrap over episodes.",
+            "",
+            "| estimator | estimate [95% interval] |",
+            "|---|---|",
+        ]
+        lines += [f"| {name.upper()} | {_estimate(e)} |" for name, e in est.items()]
+        if evaluation.get("exact"):
+            ex = evaluation["exact"]
+            lines.append(f"| exact (ICU-Sepsis, softened / as is) | {_fmt(ex['value_softened'], 4)} / {_fmt(ex['value'], 4)} |")
+        lines += [
+            "",
+            f"Importance weights: ESS {_fmt(weights['ess'], 1)} of {weights['n_episodes']} episodes, largest "
+            f"weight {_fmt(weights['max_weight'], 3)}, {100 * weights['share_clipped']:.1f}% clipped, "
+            f"{100 * weights['share_zero_weight']:.1f}% zero.",
+        ]
+        safety = evaluation["safety"]
+        lines += [
+            "",
+            f"Agreement with clinicians: {100 * safety['agreement']['action']:.1f}% of actions "
+            f"(vasopressor level {100 * safety['agreement']['vaso_level']:.1f}%, fluid level "
+            f"{100 * safety['agreement']['fluid_level']:.1f}%).",
+        ]
+        if safety.get("support"):
+            s = safety["support"]
+            lines.append(
+                f"Support: mean behaviour probability of its actions {_fmt(s['support_mass'])}; "
+                f"{100 * s['low_support_rate']:.1f}% of its actions have behaviour probability < {s['threshold']}."
+            )
+        if safety.get("inadmissible_rate") is not None:
+            lines.append(f"Inadmissible actions: {100 * safety['inadmissible_rate']:.2f}% of its probability mass.")
+        if safety.get("hazards"):
+            lines.append("Festor et al. hazards (policy vs clinicians): " + "; ".join(
+                f"{k} {_fmt(safety['hazards']['policy'][k]['rate'])} vs {_fmt(safety['hazards']['clinicians'][k]['rate'])}"
+                for k in ("A", "B", "C", "D")
+            ))  # fmt: skip
+        lines += ["", "Figures in the run folder: `action_heatmap.png`, `q_values.png`, `forest.png`."]
+    lines += [
+        "",
+        "## Limitations",
+        "- Off-policy estimates rest on the behaviour policy being right and on no unmeasured confounding;"
+        " softening and clipping change what is estimated.",
+        "- Values are not comparable with other papers' numbers unless cohort, reward, action bins and"
+        " evaluation choices all match (Luo et al. 2024).",
+        "- ICU-Sepsis is a model of MIMIC-III patients; doing well on it is not evidence of benefit to patients.",
+        "- Dose levels are coarse (5 x 5); timing, drug choice and patient context beyond the features are not modelled.",
+        "",
+        NOTICE,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(
+    folder: str | os.PathLike, config: dict[str, Any], evaluation: dict[str, Any] | None, run: dict[str, Any],
+    overwrite: bool = True,
+) -> Path:
+    path = Path(folder) / "README.md"
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        tmp.write_text(model_card(config, evaluation, run))
+    return path

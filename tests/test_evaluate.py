@@ -1,0 +1,111 @@
+"""`python -m cleansepsis.evaluate` on small run folders built here: outputs, exact values, errors."""
+
+from __future__ import annotations
+
+import json
+
+import equinox as eqx
+import jax
+import numpy as np
+import polars as pl
+import pytest
+
+from cleansepsis import env
+from cleansepsis.checkpoint import linear_layers, save_checkpoint
+from cleansepsis.evaluate import main
+from cleansepsis.icu_replay import make_clinician_replay
+from cleansepsis.replay import write_replay
+
+
+@pytest.fixture(scope="module")
+def icu_replay(tmp_path_factory):
+    path = tmp_path_factory.mktemp("replay") / "icu.parquet"
+    frame, meta = make_clinician_replay(1500, seed=1, test_frac=0.5)
+    write_replay(path, frame, meta)
+    return path, frame, meta
+
+
+def make_run(folder, replay_path, meta, outputs=("q_values", "logits")):
+    runs = []
+    for i, kind in enumerate(outputs):
+        mlp = eqx.nn.MLP(meta["obs_dim"], 25, 16, 1, key=jax.random.key(i))
+        rel = f"checkpoints/s0_seed{i}"
+        config = {
+            "network": {"kind": "mlp", "activation": "relu", "hidden": ["h0"], "output": "out"},
+            "outputs": kind, "obs_dim": meta["obs_dim"], "n_actions": 25,
+            "feature_names": meta["feature_names"], "normalisation": meta["normalisation"],
+            "replay_path": str(replay_path), "replay_source": meta["source"], "env_id": meta["env_id"],
+            "action_bins": meta.get("action_bins"), "algo": "test", "hparams": {}, "seed": i, "setting": 0,
+        }  # fmt: skip
+        save_checkpoint(folder / rel, linear_layers(mlp, ["h0", "out"]), config)
+        runs.append({"setting": 0, "seed": i, "hparams": {}, "checkpoint": rel})
+    (folder / "summary.json").write_text(json.dumps({"algo": "test", "runs": runs}))
+    return folder
+
+
+def test_evaluates_every_policy_with_exact_values_figures_and_model_cards(icu_replay, tmp_path, capsys):
+    replay_path, _, meta = icu_replay
+    run = make_run(tmp_path / "run", replay_path, meta)
+    assert main([str(run), "--n-boot", "20", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = [p["name"] for p in report["policies"]]
+    assert names == ["clinicians", "s0_seed0", "s0_seed1"]
+    exact_clinician = env.reference_values(env.load_params())["clinician_renormalised"]["expected_return"]
+    clin = report["policies"][0]
+    assert clin["exact"]["value"] == pytest.approx(exact_clinician, abs=1e-4)
+    # on-policy: every weight is 1 (softening by 0.01 moves them only slightly)
+    assert clin["ope"]["weights"]["ess"] > 0.95 * clin["ope"]["n_episodes"]
+    for p in report["policies"][1:]:
+        assert p["exact"] is not None and 0 < p["exact"]["value"] < 1
+        for name in ("wis", "pdwis", "wdr", "fqe"):
+            est = p["ope"]["estimators"][name]
+            assert not np.isfinite(est["estimate"]) or est["ci_low"] <= est["estimate"] + 1e-6
+        assert 0 <= p["safety"]["agreement"]["action"] <= 1
+        assert p["safety"]["support"] is not None
+    # a greedy policy restricted to admissible actions never picks an inadmissible one
+    assert report["policies"][1]["safety"]["inadmissible_rate"] == 0.0
+    for name in ("evaluation.json", "evaluation.md", "action_heatmap.png", "q_values.png", "forest.png"):
+        assert (run / name).stat().st_size > 0
+    card = (run / "checkpoints/s0_seed0/README.md").read_text()
+    assert "not for treating patients" in card and "WIS" in card
+    assert json.loads((run / "evaluation.json").read_text())["policies"][1]["name"] == "s0_seed0"
+    # existing outputs are kept unless asked
+    assert main([str(run), "--n-boot", "20"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_replay_without_behaviour_probabilities_needs_a_behaviour_model(icu_replay, tmp_path, capsys):
+    _, frame, meta = icu_replay
+    rng = np.random.default_rng(0)
+    n = frame.height
+    raw = frame.drop("behavior_prob", "state_index", "next_state_index").with_columns(
+        pl.Series("map_mmhg", rng.uniform(40, 110, n)),
+        pl.Series("cvp_mmhg", rng.uniform(0, 20, n)),
+        pl.Series("cum_balance_ml", rng.uniform(0, 15_000, n)),
+        pl.Series("vaso_ne_eq", np.where(frame["action"].to_numpy() % 5 > 0, rng.uniform(0.01, 1, n), 0.0)),
+        pl.Series("fluid_ml", np.where(frame["action"].to_numpy() // 5 > 0, rng.uniform(10, 2000, n), 0.0)),
+    )
+    meta = {**meta, "source": "mimic-like test data", "step_hours": 4}
+    path = tmp_path / "mimic_like.parquet"
+    write_replay(path, raw, meta)
+    run = make_run(tmp_path / "run", path, meta, outputs=("q_values",))
+    assert main([str(run), "--n-boot", "10", "--fqe", "tabular"]) == 2
+    assert "behavior_prob" in capsys.readouterr().err
+    behaviour = make_run(tmp_path / "bc", path, meta, outputs=("logits",)) / "checkpoints/s0_seed0"
+    args = [str(run), "--n-boot", "10", "--behavior", str(behaviour), "--json", "--fqe-iterations", "3",
+            "--fqe-steps", "20"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["behavior"]["calibration"]["ece"] >= 0
+    assert [p["name"] for p in report["policies"]] == ["s0_seed0"]
+    policy = report["policies"][0]
+    assert policy["exact"] is None
+    assert policy["ope"]["estimators"]["fqe"]["features"].startswith("MLP")
+    hazards = policy["safety"]["hazards"]
+    assert set(hazards["policy"]) == {"A", "B", "C", "D"} and hazards["clinicians"]["A"]["n_states"] > 0
+    assert "Festor" in (run / "evaluation.md").read_text()
+
+
+def test_missing_run_folder_is_a_clear_error(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
