@@ -39,13 +39,13 @@ class Args:
     """Adam learning rate; several values are swept"""
     weight_decay: tuple[float, ...] = (0.0,)
     """decoupled weight decay (AdamW); several values are swept"""
-    hidden: int = 128
+    hidden: int = 64
     """width of the hidden layers"""
     depth: int = 2
     """number of hidden layers"""
     batch_size: int = 256
     """transitions per update"""
-    num_updates: int = 10_000
+    num_updates: int = 5_000
     """gradient updates per policy"""
     eval_every: int = 1_000
     """updates between evaluations (exact on ICU-Sepsis replays, held-out likelihood when val/test exist)"""

@@ -49,13 +49,13 @@ class Args:
     scale that --beta expects; reported returns are unscaled"""
     max_weight: float = 100.0
     """clip of the advantage weight exp(beta * advantage)"""
-    hidden: int = 128
+    hidden: int = 64
     """width of the hidden layers of every network"""
     depth: int = 2
     """number of hidden layers"""
     batch_size: int = 256
     """transitions per update"""
-    num_updates: int = 20_000
+    num_updates: int = 5_000
     """gradient updates per policy"""
     eval_every: int = 1_000
     """updates between exact evaluations (ICU-Sepsis replays) and logged metrics"""
