@@ -38,7 +38,7 @@ ALGO = "cql"
 class Args:
     replay: str | None = None
     """Replay parquet to train on; default: the built-in ICU-Sepsis clinician replay (10,000 episodes, seed 0)."""
-    alpha: tuple[float, ...] = (0.5,)
+    alpha: tuple[float, ...] = (0.02,)
     """CQL weight(s); several values train one setting each in the same compiled program."""
     learning_rate: tuple[float, ...] = (1e-3,)
     """Adam learning rate(s), swept like alpha."""
@@ -54,9 +54,9 @@ class Args:
     """Updates between logged metrics (and exact evaluations on ICU-Sepsis)."""
     batch_size: int = 256
     """Transitions per update."""
-    hidden: tuple[int, ...] = (256, 256)
+    hidden: tuple[int, ...] = (128, 128)
     """Hidden layer widths of the Q network (ReLU)."""
-    target_update_every: int = 500
+    target_update_every: int = 100
     """Updates between hard copies of the online network into the target network."""
     lr_decay: bool = True
     """Cosine-decay the learning rate to zero over the run (less noise in the final values)."""

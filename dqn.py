@@ -78,9 +78,9 @@ class Args:
     """Updates between logged metrics and exact evaluations."""
     batch_size: int = 256
     """Transitions per update."""
-    hidden: tuple[int, ...] = (256, 256)
+    hidden: tuple[int, ...] = (128, 128)
     """Hidden layer widths (ReLU)."""
-    target_update_every: int = 1_000
+    target_update_every: int = 200
     """Updates between hard copies of the online network into the target network."""
     lr_decay: bool = True
     """Cosine-decay the learning rate to zero over the run (less noise in the final values)."""
@@ -101,7 +101,11 @@ class Args:
     def num_updates(self) -> int:
         if not self.online:
             return self.total_updates
-        return (self.total_env_steps - self.learning_starts) // self.num_envs * self.updates_per_iteration
+        # whole evaluation periods that fit in the env-step budget (the rest of the budget is not used)
+        available = (
+            (self.total_env_steps - self.learning_starts) // self.num_envs * self.updates_per_iteration
+        )
+        return available // self.eval_every * self.eval_every
 
     @property
     def num_evals(self) -> int:
@@ -423,7 +427,9 @@ def check_args(args: Args) -> None:
     for name in ("batch_size", "target_update_every", "num_envs", "updates_per_iteration"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.eval_every < 1 or args.num_updates < args.eval_every or args.num_updates % args.eval_every:
+    if args.eval_every < 1:
+        fail(f"--eval-every must be at least 1, got {args.eval_every}")
+    if args.num_updates < args.eval_every or args.num_updates % args.eval_every:
         what = "(--total-env-steps - --learning-starts) / --num-envs * --updates-per-iteration" if args.online else (
             "--total-updates")  # fmt: skip
         fail(
