@@ -31,24 +31,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+_lapack_configured = False
+
 
 def _single_thread_lapack() -> None:
-    """Load scipy's OpenBLAS (which jax uses for LU solves on CPU) with one thread, before the first solve.
+    """Give scipy's OpenBLAS (which jax uses for LU solves on CPU) one thread, before the first solve.
 
-    On a busy 2-core machine its threads spin against each other: a 713x713 solve took 350-430 ms with
-    the default threads and 30-37 ms with one (measured here). Left alone when the user set
-    OPENBLAS_NUM_THREADS or scipy.linalg is already loaded. Called when a solve is first traced rather
-    than at import, which spares scripts that never solve the 1-2 s import of scipy.linalg.
+    On the busy 2-core machine its threads spun against each other (a 713x713 solve took 350-430 ms with
+    the default threads, 30-37 ms with one), and two batched LUs running at once in one XLA program
+    deadlocked with 2 threads (measured here). If scipy.linalg is not loaded yet, it is loaded with
+    OPENBLAS_NUM_THREADS=1; if it is, the thread count of the loaded library is set through
+    `openblas_set_num_threads`. Left alone when the user set OPENBLAS_NUM_THREADS. Called when a solve
+    is first traced rather than at import, which spares scripts that never solve the scipy import.
     """
-    if "scipy.linalg" in sys.modules or "OPENBLAS_NUM_THREADS" in os.environ:
+    global _lapack_configured
+    if _lapack_configured or "OPENBLAS_NUM_THREADS" in os.environ:
         return
-    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    _lapack_configured = True
+    if "scipy.linalg" not in sys.modules:
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        try:
+            import scipy.linalg.cython_lapack  # noqa: F401  (loads the library, which reads the variable)
+        except ImportError:
+            pass
+        finally:
+            del os.environ["OPENBLAS_NUM_THREADS"]
+        return
+    _set_loaded_openblas_threads(1)
+
+
+def _set_loaded_openblas_threads(n_threads: int) -> None:
+    """Set the threads of scipy's already loaded OpenBLAS (not numpy's 64-bit-integer one)."""
+    import ctypes
+
     try:
-        import scipy.linalg.cython_lapack  # noqa: F401  (loads the library, which reads the variable)
-    except ImportError:
-        pass
-    finally:
-        del os.environ["OPENBLAS_NUM_THREADS"]
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line and "/" in line}
+    except OSError:
+        return
+    for path in paths:
+        if "openblas64" in Path(path).name:
+            continue
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            setter = getattr(library, name, None)
+            if setter is not None:
+                setter(ctypes.c_int(n_threads))
+                break
 
 
 N_STATES = 716

@@ -279,3 +279,23 @@ def test_env_sepsis_cli_baselines_and_reference_bench(capsys):
     rate = env_sepsis.reference_bench_runner(200)()
     assert rate > 0
     assert "gym" not in capsys.readouterr().err.lower()  # the legacy-gym import warning is silenced
+
+
+def test_concurrent_batched_solves_do_not_deadlock_after_scipy_import():
+    """Two batched LUs in one program deadlocked in scipy's OpenBLAS with 2 threads; env.py gives it one
+    thread, also when scipy.linalg was imported first. Run in a subprocess so a hang is a timeout."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import scipy.linalg, jax, jax.numpy as jnp\n"
+        "from cleansepsis import env as E\n"
+        "p = E.load_params(); pols = jnp.stack([E.random_policy(p)] * 4)\n"
+        "two = jax.jit(lambda a, b, p: (E.policy_evaluation(a, p), E.policy_evaluation(b, p)))\n"
+        "for _ in range(3): jax.block_until_ready(two(pols, pols * 1.0, p))\n"
+        "print('done')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
