@@ -116,6 +116,7 @@ def make_clinician_replay(
         "reward": E.REWARD,
         "args": {
             "generator": "cleansepsis.icu_replay.make_clinician_replay",
+            "generator_version": GENERATOR_VERSION,
             "episodes": int(episodes),
             "seed": int(seed),
             "strategy": strategy,
@@ -133,6 +134,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLEANSEPSIS_CACHE") or Path.home() / ".cache" / "cleansepsis")
 
 
+# Bump when a change to the rollout code changes the rows drawn for a seed: the cached default replay's
+# name carries it, so a stale cache from older code is never reused.
+GENERATOR_VERSION = 2
+
+
+def default_replay_file(episodes: int = 10_000, seed: int = 0) -> Path:
+    """Where the cached default replay for these arguments lives (it may not exist yet)."""
+    return cache_dir() / f"icu-sepsis-clinician-e{episodes}-s{seed}-v{SCHEMA_VERSION}-g{GENERATOR_VERSION}.parquet"
+
+
 def default_replay_path(episodes: int = 10_000, seed: int = 0) -> Path:
     """The built-in ICU-Sepsis clinician replay ('mean' strategy, all episodes in "train").
 
@@ -140,7 +151,7 @@ def default_replay_path(episodes: int = 10_000, seed: int = 0) -> Path:
     temporary name and renamed when complete, so a reader never sees half a file, and two processes
     racing to build it both end with the same finished file.
     """
-    path = cache_dir() / f"icu-sepsis-clinician-e{episodes}-s{seed}-v{SCHEMA_VERSION}.parquet"
+    path = default_replay_file(episodes, seed)
     if path.exists():
         try:
             meta = read_metadata(path)

@@ -112,7 +112,8 @@ def test_default_replay_race_keeps_the_finished_file(tmp_path, monkeypatch):
     """If another process finishes the file while this one builds, both end with that finished file."""
     monkeypatch.setenv("CLEANSEPSIS_CACHE", str(tmp_path))
     real_make = icu_replay.make_clinician_replay
-    target = tmp_path / f"icu-sepsis-clinician-e30-s0-v{icu_replay.SCHEMA_VERSION}.parquet"
+    target = icu_replay.default_replay_file(episodes=30, seed=0)
+    assert target.parent == tmp_path
 
     def make_while_other_process_writes(episodes, seed):
         frame, meta = real_make(episodes, seed)
