@@ -127,7 +127,7 @@ def make_train(args: Args, data: Transitions, held_out: dict[str, Transitions], 
                                                              "greedy": (logits, "greedy")})
                 (ret, length), (greedy_ret, _) = result["stochastic"], result["greedy"]
                 metrics |= {"exact_return": ret, "mean_length": length, "greedy_return": greedy_ret}
-            runs.tick()
+            runs.tick(metrics.get("exact_return"))
             return carry, metrics
 
         (params, _, _), metrics = jax.lax.scan(evaluate, (params, opt_state, key), None, length=args.num_evals)

@@ -207,7 +207,7 @@ def make_train(args: Args, data: Transitions, env_params: Any):
                 })
                 (ret, length), (q_ret, _) = result["policy"], result["q"]
                 metrics |= {"exact_return": ret, "mean_length": length, "q_greedy_return": q_ret}
-            runs.tick()
+            runs.tick(metrics.get("exact_return"))
             return carry, metrics
 
         (state, _), metrics = jax.lax.scan(evaluate, (state, key), None, length=args.num_evals)

@@ -234,15 +234,21 @@ def exact_evaluations(
 _progress: dict[str, Any] = {"bar": None}
 
 
-def _advance(*_: Any) -> None:
+def _advance(value: Any = None) -> None:
     bar = _progress["bar"]
     if bar is not None:
+        if value is not None:
+            bar.set_postfix_str(f"last return {float(value):.4f}", refresh=False)
         bar.update(1)
 
 
-def tick() -> None:
-    """Advance the progress bar by one evaluation; call once per outer-scan step inside train."""
-    jax.debug.callback(_advance)
+def tick(value: jnp.ndarray | None = None) -> None:
+    """Advance the progress bar by one evaluation; call once per outer-scan step inside train. With a
+    scalar `value` (e.g. the exact return), the bar also shows the latest one."""
+    if value is None:
+        jax.debug.callback(_advance)
+    else:
+        jax.debug.callback(_advance, value)
 
 
 def run_sweep(
