@@ -37,7 +37,7 @@ def action_heatmaps(
 ) -> Path:
     """One 5x5 panel per policy: share of actions per (fluid level, vasopressor level)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.9), squeeze=False, layout="constrained")
     for ax, (name, joint) in zip(axes[0], panels.items(), strict=True):
         joint = np.asarray(joint, np.float64)
         image = ax.imshow(joint, origin="lower", cmap="Blues", vmin=0, vmax=max(joint.max(), 1e-9))
