@@ -14,7 +14,6 @@ exactly on the ICU-Sepsis MDP inside the compiled program.
 
 from __future__ import annotations
 
-import inspect
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -253,14 +252,16 @@ def main(argv: list[str] | None = None) -> None:
         {"alpha": args.alpha, "learning_rate": args.learning_rate, "gamma": args.gamma}
     )
     seeds = runs.seed_list(args.seed, args.num_seeds)
-    reference = reference_values(env_params)
+    reference = runs.reference_values(env_params)
     train = make_train(args, replay.obs_dim, replay.n_actions)
     print(
         f"{ALGO}: {len(settings)} setting(s) x {len(seeds)} seed(s), {args.total_updates} updates each, "
         f"{data.size} transitions from {replay.path}",
         file=sys.stderr,
     )
-    (params, metrics), timing = sweep(train, seeds, hparams, args.num_evals, (data, env_params))
+    (params, metrics), timing = runs.run_sweep(
+        train, seeds, hparams, n_ticks=args.num_evals, desc=ALGO, inputs=(data, env_params)
+    )
     steps = np.arange(1, args.num_evals + 1) * args.eval_every
     runs.check_finite(metrics, settings, seeds, steps)
     runs.print_results_table(ALGO, settings, seeds, metrics, reference)
@@ -285,27 +286,6 @@ def main(argv: list[str] | None = None) -> None:
         f"compile {timing['compile_seconds']:.1f} s, train {timing['train_seconds']:.1f} s; wrote {path}",
         file=sys.stderr,
     )
-
-
-def reference_values(env_params) -> dict[str, float]:
-    """Exact returns of the clinician (renormalised to admissible actions), random, optimal and greedy
-    clinician policies; empty without env params. (runs.reference_values expects flat floats, the env
-    gives {"expected_return", "mean_length"} per policy.)"""
-    if env_params is None:
-        return {}
-    from cleansepsis import env as sepsis_env
-
-    table = sepsis_env.reference_values(env_params)
-    names = {"clinician": "clinician_renormalised", "random": "random", "optimal": "optimal"}
-    names["greedy_clinician"] = "greedy_clinician"
-    return {short: float(table[name]["expected_return"]) for short, name in names.items() if name in table}
-
-
-def sweep(train, seeds, hparams, n_ticks: int, inputs):
-    """runs.run_sweep with the data passed as arguments (closed over, they would slow compilation)."""
-    if "inputs" in inspect.signature(runs.run_sweep).parameters:
-        return runs.run_sweep(train, seeds, hparams, n_ticks=n_ticks, desc=ALGO, inputs=inputs)
-    return runs.run_sweep(lambda key, hp: train(key, hp, inputs), seeds, hparams, n_ticks=n_ticks, desc=ALGO)
 
 
 if __name__ == "__main__":
