@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cleansepsis.linalg import linear_solve
+
 _lapack_configured = False
 
 
@@ -38,8 +40,7 @@ def _single_thread_lapack() -> None:
     """Give scipy's OpenBLAS (which jax uses for LU solves on CPU) one thread, before the first solve.
 
     On the busy 2-core machine its threads spun against each other (a 713x713 solve took 350-430 ms with
-    the default threads, 30-37 ms with one), and two batched LUs running at once in one XLA program
-    deadlocked with 2 threads (measured here). If scipy.linalg is not loaded yet, it is loaded with
+    the default threads, 30-37 ms with one). If scipy.linalg is not loaded yet, it is loaded with
     OPENBLAS_NUM_THREADS=1; if it is, the thread count of the loaded library is set through
     `openblas_set_num_threads`. Left alone when the user set OPENBLAS_NUM_THREADS. Called when a solve
     is first traced rather than at import, which spares scripts that never solve the scipy import.
@@ -637,7 +638,7 @@ def policy_state_values(policy: jax.Array, params: EnvParams) -> tuple[jax.Array
     p_pi = jnp.einsum("sa,sat->st", policy, params.tx)  # (716, 716)
     system = jnp.eye(n, dtype=p_pi.dtype) - p_pi[:n, :n]
     rhs = jnp.stack([p_pi[:n, SURVIVAL], jnp.ones(n, p_pi.dtype)], axis=1)  # (713, 2)
-    solution = jnp.linalg.solve(system, rhs)
+    solution = linear_solve(system, rhs)  # never a batched LU: see cleansepsis/linalg.py
     pad = jnp.zeros((N_STATES - n, 2), solution.dtype)
     solution = jnp.concatenate([solution, pad])
     return solution[:, 0], solution[:, 1]

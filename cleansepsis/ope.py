@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cleansepsis.linalg import linear_solve
 from cleansepsis.replay import Transitions
 
 ESTIMATORS = ("wis", "pdwis", "wdr", "fqe")
@@ -424,7 +425,7 @@ def tabular_fqe(model: TabularModel, gamma: float, counts: jnp.ndarray, n_iterat
     # the fixed point by one linear solve (compute-bound, unlike hundreds of memory-bound matvecs), then
     # FQE iterations from it: they keep a correct solve and recover from a singular one (a logged loop
     # that never terminates), which starts them from zero instead
-    solved = jnp.linalg.solve(jnp.eye(n_states, dtype=jnp.float32) - transition, reward_state)
+    solved = linear_solve(jnp.eye(n_states, dtype=jnp.float32) - transition, reward_state)
     start = jnp.where(jnp.all(jnp.isfinite(solved)), solved, 0.0)
     v, _ = jax.lax.scan(iterate, start, None, length=n_iterations)
     # Q of the last fit, for WDR and the figures

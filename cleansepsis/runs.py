@@ -206,9 +206,8 @@ def exact_evaluation(env_params: Any, scores: jnp.ndarray, kind: str = "greedy")
     (716, n_actions) Q-values or logits of the network applied to `env_params.state_vectors`.
 
     kind "greedy": argmax over admissible actions; "softmax": softmax restricted to admissible actions.
-    Jittable and vmappable. To evaluate several policies in one step, use `exact_evaluations` (one solve):
-    on 2 CPU threads, two independent batched LU solves in one program can deadlock jaxlib (each blocks a
-    pool thread waiting for sub-tasks that need the other; seen with jaxlib 0.10.2)."""
+    Jittable and vmappable. To evaluate several policies in one step, use `exact_evaluations` (one call).
+    The solve never lowers to a batched LU (`cleansepsis.linalg`), which deadlocked jaxlib on 2 threads."""
     from cleansepsis import env
 
     expected_return, mean_length = env.policy_evaluation(scores_to_policy(env_params, scores, kind), env_params)
@@ -219,7 +218,7 @@ def exact_evaluations(
     env_params: Any, policies: Mapping[str, tuple[jnp.ndarray, str]]
 ) -> dict[str, tuple[jnp.ndarray, jnp.ndarray]]:
     """Several policies evaluated exactly by one batched solve: {name: (scores, kind)} ->
-    {name: (expected return, mean length)}. See `exact_evaluation` for why one solve."""
+    {name: (expected return, mean length)}."""
     from cleansepsis import env
 
     names = list(policies)
