@@ -282,8 +282,8 @@ def test_env_sepsis_cli_baselines_and_reference_bench(capsys):
 
 
 def test_concurrent_batched_solves_do_not_deadlock_after_scipy_import():
-    """Two batched LUs in one program deadlocked in scipy's OpenBLAS with 2 threads; env.py gives it one
-    thread, also when scipy.linalg was imported first. Run in a subprocess so a hang is a timeout."""
+    """Two batched evaluations in one program deadlocked jaxlib's 2-thread pool (batched LUs); the solves
+    now never batch (cleansepsis.linalg). Run in a subprocess so a hang is a timeout, not a stuck suite."""
     import os
     import subprocess
     import sys
