@@ -1,4 +1,4 @@
-"""Every bad input ends in one clear message naming the file, column or value, exit code 2, no traceback,
+"""Every bad input ends in one clear message naming the file, column or value, exit code 1, no traceback,
 no output, and the input files unchanged."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from mimic_cases import Case, septic_patient
 
-from cleansepsis.mimic.pipeline import MimicArgs, main
+import data_prep
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +47,17 @@ def rewrite_csv(path: Path, edit) -> None:
         handle.write(edit(frame).write_csv().encode())
 
 
+def main(mimic_dir: Path, out: Path) -> int:
+    """The command as a user runs it: `data_prep.py mimic --mimic-dir ... --out ...`."""
+    return data_prep.main(["mimic", "--mimic-dir", str(mimic_dir), "--out", str(out), "--quiet"])
+
+
 def run_bad(folder: Path, tmp_path: Path, capsys) -> str:
     before = digest(folder) if folder.exists() else {}
     out = tmp_path / "out"
-    code = main(MimicArgs(mimic_dir=folder, out=out, quiet=True))
+    code = main(folder, out)
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1
     assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
     assert "Traceback" not in err
     assert not out.exists()  # no partial output
@@ -63,7 +68,7 @@ def run_bad(folder: Path, tmp_path: Path, capsys) -> str:
 
 
 def test_good_case_runs(case_dir, tmp_path, capsys):
-    assert main(MimicArgs(mimic_dir=case_dir, out=tmp_path / "out", quiet=True)) == 0
+    assert main(case_dir, tmp_path / "out") == 0
     assert (tmp_path / "out" / "replay.parquet").exists()
 
 
@@ -192,8 +197,8 @@ def test_existing_output_is_kept(case_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code = main(MimicArgs(mimic_dir=case_dir, out=out, quiet=True))
-    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    code = main(case_dir, out)
+    assert code == 1 and "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -206,6 +211,6 @@ def test_parquet_and_csv_inputs_give_the_same_replay(good_case, tmp_path):
             target.parent.mkdir(parents=True, exist_ok=True)
             frame = pl.read_csv(path, try_parse_dates=True)
             frame.write_parquet(target) if suffix == "parquet" else frame.write_csv(target)
-        assert main(MimicArgs(mimic_dir=folder, out=tmp_path / f"out_{suffix}", quiet=True)) == 0
+        assert main(folder, tmp_path / f"out_{suffix}") == 0
         frames[suffix] = pl.read_parquet(tmp_path / f"out_{suffix}" / "replay.parquet")
     assert frames["csv"].equals(frames["parquet"])

@@ -518,16 +518,3 @@ def run(args: MimicArgs) -> dict:
         summary = report.write_report(tmp, written, frame, obs_rows, fluid_level, vaso_level)
     say(f"wrote {out} ({frame.height} transitions, {episodes.height} episodes)")
     return summary
-
-
-def main(args: MimicArgs) -> int:
-    """CLI entry: user errors end in one line on stderr and exit code 2, no traceback."""
-    from cleansepsis.io import OutputExistsError
-    from cleansepsis.replay import ReplayError
-
-    try:
-        run(args)
-    except (MimicInputError, OutputExistsError, ReplayError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0

@@ -441,14 +441,3 @@ def generate(args: SynthArgs) -> dict[str, int]:
         for writer in writers.values():
             writer.close()
     return counts
-
-
-def main(args: SynthArgs) -> int:
-    from cleansepsis.io import OutputExistsError
-
-    try:
-        generate(args)
-    except (OutputExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
