@@ -185,30 +185,9 @@ def _chunk(rng: np.random.Generator, first_stay: int, n: int, scale: float) -> d
     parts.append(
         (s4, t4, np.full(s4.size, 223761), np.round(rng.normal(98.8, 1.2, s4.size) + severity[s4], 1))
     )
-    parts.append(
-        (
-            s4,
-            t4,
-            np.full(s4.size, 220739),
-            np.clip(np.round(4 - 3 * severity[s4] * rng.random(s4.size)), 1, 4),
-        )
-    )
-    parts.append(
-        (
-            s4,
-            t4,
-            np.full(s4.size, 223900),
-            np.clip(np.round(5 - 4 * severity[s4] * rng.random(s4.size)), 1, 5),
-        )
-    )
-    parts.append(
-        (
-            s4,
-            t4,
-            np.full(s4.size, 223901),
-            np.clip(np.round(6 - 5 * severity[s4] * rng.random(s4.size)), 1, 6),
-        )
-    )
+    for itemid, best in ((220739, 4), (223900, 5), (223901, 6)):  # GCS eye, verbal, motor
+        score = np.round(best - (best - 1) * severity[s4] * rng.random(s4.size))
+        parts.append((s4, t4, np.full(s4.size, itemid), np.clip(score, 1, best)))
     parts.append(
         (
             s4,
