@@ -407,7 +407,7 @@ def _train_fn(args: Args, obs_dim: int, n_actions: int, data: Transitions | None
         if env_params is not None:
             q = q_fn(state.params, env_params.state_vectors)  # (716, n_actions)
             out["exact_return"], out["mean_length"] = runs.exact_evaluation(env_params, q, "greedy")
-        runs.tick()
+        runs.tick(out.get("exact_return"))
         return state, out
 
     def train(key: jax.Array, hparams: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
