@@ -295,36 +295,39 @@ def run_sweep(
     keys, n_seeds = seed_keys(seeds), len(seeds)
     devices = jax.local_devices()
     if len(devices) > 1 and n_seeds > 1:
-        # seeds side by side, one block per device; pad with seeds past the last so the blocks are equal
-        # (the padding runs are trained and dropped)
+        # pad with seeds past the last so that every device gets an equal block (padding runs are dropped)
         padded = -(-n_seeds // len(devices)) * len(devices)
         if padded > n_seeds:
             extra = seed_keys(range(max(seeds) + 1, max(seeds) + 1 + padded - n_seeds))
             keys = jnp.concatenate([keys, extra])
-        mesh = jax.sharding.Mesh(np.array(devices), ("seeds",))
-        keys = jax.device_put(keys, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seeds")))
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        hparams, inputs = jax.device_put((hparams, inputs), replicated)
-    if inputs is None:
-        over_seeds = jax.vmap(train, in_axes=(0, None))
-        over_settings = jax.vmap(over_seeds, in_axes=(None, 0))
-        args = (keys, hparams)
-    else:
-        over_seeds = jax.vmap(train, in_axes=(0, None, None))
-        over_settings = jax.vmap(over_seeds, in_axes=(None, 0, None))
-        args = (keys, hparams, inputs)
-    t0 = time.perf_counter()
-    compiled = jax.jit(over_settings).lower(*args).compile()
-    compile_seconds = time.perf_counter() - t0
     n_settings = int(next(iter(hparams.values())).shape[0]) if hparams else 1
-    total = n_ticks * n_settings * int(keys.shape[0])
+    n_run_seeds = int(keys.shape[0])
+    # one flat axis of (setting, seed) runs, setting slowest: a single vmap compiles to plainer batched
+    # matmuls than nested ones, and it is the axis split over the devices
+    flat_keys = jnp.tile(keys, (n_settings, 1))
+    flat_hparams = {name: jnp.repeat(value, n_run_seeds) for name, value in hparams.items()}
+    if len(devices) > 1 and n_seeds > 1:
+        mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
+        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
+        flat_keys, flat_hparams = jax.device_put((flat_keys, flat_hparams), split)
+        inputs = jax.device_put(inputs, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    if inputs is None:
+        over_runs = jax.vmap(train, in_axes=(0, 0))
+        args = (flat_keys, flat_hparams)
+    else:
+        over_runs = jax.vmap(train, in_axes=(0, 0, None))
+        args = (flat_keys, flat_hparams, inputs)
+    t0 = time.perf_counter()
+    compiled = jax.jit(over_runs).lower(*args).compile()
+    compile_seconds = time.perf_counter() - t0
+    total = n_ticks * n_settings * n_run_seeds
     with tqdm(total=total, desc=desc, unit="eval", file=sys.stderr, mininterval=1.0, leave=False) as bar:
         _progress["bar"] = bar
         try:
             t0 = time.perf_counter()
             out = jax.block_until_ready(compiled(*args))
             jax.effects_barrier()
-            out = jax.tree.map(lambda x: x[:, :n_seeds], out)
+            out = jax.tree.map(lambda x: x.reshape(n_settings, n_run_seeds, *x.shape[1:])[:, :n_seeds], out)
             train_seconds = time.perf_counter() - t0
         finally:
             _progress["bar"] = None
