@@ -144,6 +144,7 @@ def export_policy(params: Any, static: Any, depth: int) -> tuple[dict[str, np.nd
 
 def main() -> None:
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    runs.use_host_devices(args.num_seeds)  # before JAX's first operation
     if args.num_evals < 1:
         raise runs.RunError(f"--num-updates {args.num_updates} is smaller than --eval-every {args.eval_every}")
     replay, data, env_params = runs.load_training_data(args.replay)

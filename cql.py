@@ -246,6 +246,7 @@ def check_args(args: Args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = tyro.cli(Args, args=argv, description=__doc__)
+    runs.use_host_devices(args.num_seeds)  # before JAX's first operation
     check_args(args)
     replay, data, env_params = runs.load_training_data(args.replay, args.split)
     settings, hparams = runs.make_hparam_grid(

@@ -469,6 +469,7 @@ def online_source(env_params: Any) -> Replay:
 
 def main(argv: list[str] | None = None) -> None:
     args = tyro.cli(Args, args=argv, description=__doc__)
+    runs.use_host_devices(args.num_seeds)  # before JAX's first operation
     check_args(args)
     if args.online:
         from cleansepsis import env as sepsis_env

@@ -224,6 +224,7 @@ def export_policy(pi_params: Any, pi_static: Any, depth: int) -> tuple[dict[str,
 
 def main() -> None:
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    runs.use_host_devices(args.num_seeds)  # before JAX's first operation
     if args.num_evals < 1:
         raise runs.RunError(f"--num-updates {args.num_updates} is smaller than --eval-every {args.eval_every}")
     if any(not 0 < t < 1 for t in args.tau):

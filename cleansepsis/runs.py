@@ -74,14 +74,15 @@ USER_ERRORS = (RunError, ReplayError, OutputExistsError, FileNotFoundError)
 HOST_DEVICES_VARIABLE = "CLEANSEPSIS_HOST_DEVICES"
 
 
-def use_host_devices() -> int:
-    """Split the CPU into one XLA device per core so that run_sweep runs the seed axis side by side: on 2
-    cores that is about 1.4x the seed-updates per second of one device running the whole vmap
-    (benchmarks/bench_cql.py). `CLEANSEPSIS_HOST_DEVICES=1` keeps one device. It only takes effect before
-    JAX's first operation; after that it leaves JAX as it is. Returns the number of CPU devices asked for."""
+def use_host_devices(num_seeds: int | None = None) -> int:
+    """Split the CPU into one XLA device per core (at most one per seed) so that run_sweep runs the seeds
+    side by side: on 2 cores that is about 1.4x the seed-updates per second of one device running the whole
+    vmap (benchmarks/bench_cql.py). One seed keeps one device, which uses every core for its matmuls.
+    `CLEANSEPSIS_HOST_DEVICES=N` overrides the count. It only takes effect before JAX's first operation;
+    after that it leaves JAX as it is. Returns the number of CPU devices asked for."""
     raw = os.environ.get(HOST_DEVICES_VARIABLE, "")
     try:
-        wanted = int(raw) if raw else len(os.sched_getaffinity(0))
+        wanted = int(raw) if raw else min(len(os.sched_getaffinity(0)), max(num_seeds or 1 << 30, 1))
     except ValueError:
         raise RunError(f"{HOST_DEVICES_VARIABLE} must be a whole number, got {raw!r}") from None
     if wanted < 1:
@@ -94,10 +95,8 @@ def use_host_devices() -> int:
 
 
 def cli_main(main: Callable[[], None]) -> None:
-    """Run a script's main() on one CPU device per core, turning the project's errors into `error: ...` on
-    stderr and exit code 1."""
+    """Run a script's main(), turning the project's errors into `error: ...` on stderr and exit code 1."""
     try:
-        use_host_devices()
         main()
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

@@ -9,6 +9,14 @@ import pytest
 OBS_DIM, N_ACTIONS = 3, 25
 
 
+def pytest_configure(config):
+    """Start JAX on one CPU device for the whole test process, so that a script's main() called in-process
+    cannot split the CPU into several devices halfway through the session (subprocess runs still do)."""
+    import jax
+
+    jax.devices()
+
+
 def make_tiny_replay(n_episodes: int = 4, steps: int = 3, seed: int = 0) -> tuple[pl.DataFrame, dict]:
     """A valid replay of `n_episodes` x `steps` transitions with random observations, and its metadata."""
     rng = np.random.default_rng(seed)
