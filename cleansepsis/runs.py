@@ -82,7 +82,8 @@ def use_host_devices(num_seeds: int | None = None) -> int:
     after that it leaves JAX as it is. Returns the number of CPU devices asked for."""
     raw = os.environ.get(HOST_DEVICES_VARIABLE, "")
     try:
-        wanted = int(raw) if raw else min(len(os.sched_getaffinity(0)), max(num_seeds or 1 << 30, 1))
+        cores = len(os.sched_getaffinity(0))
+        wanted = int(raw) if raw else cores if num_seeds is None else max(1, min(cores, num_seeds))
     except ValueError:
         raise RunError(f"{HOST_DEVICES_VARIABLE} must be a whole number, got {raw!r}") from None
     if wanted < 1:
@@ -293,7 +294,8 @@ def run_sweep(
 
     keys, n_seeds = seed_keys(seeds), len(seeds)
     devices = jax.local_devices()
-    if len(devices) > 1 and n_seeds > 1:
+    split_seeds = len(devices) > 1 and n_seeds > 1
+    if split_seeds:
         # pad with seeds past the last so that every device gets an equal block (padding runs are dropped)
         padded = -(-n_seeds // len(devices)) * len(devices)
         if padded > n_seeds:
@@ -305,7 +307,7 @@ def run_sweep(
     # matmuls than nested ones, and it is the axis split over the devices
     flat_keys = jnp.tile(keys, (n_settings, 1))
     flat_hparams = {name: jnp.repeat(value, n_run_seeds) for name, value in hparams.items()}
-    if len(devices) > 1 and n_seeds > 1:
+    if split_seeds:
         mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
         split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
         flat_keys, flat_hparams = jax.device_put((flat_keys, flat_hparams), split)
