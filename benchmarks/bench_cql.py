@@ -1,6 +1,7 @@
 """Speed of cql.py's update against d3rlpy 2.8.1's DiscreteCQL, measured in the same run.
 
-Same network (47 -> 256 -> 256 -> 25), batch 256, Adam, 200,000 random transitions on the device. Prints
+Same network (47 -> 256 -> 256 -> 25), same batch (`--batch-size`, default 256), Adam, 200,000 random
+transitions on the device. Prints
   - seed-updates per second of cql.py's compiled update loop for 1, 8 and 32 seeds under one vmap,
     and the ratio to d3rlpy's updates per second (goal >= 5x);
   - the update's matmul FLOPs per second as a share of this machine's float32 matmul throughput, measured
@@ -38,7 +39,7 @@ import cql  # noqa: E402
 from cleansepsis import runs  # noqa: E402
 from cleansepsis.replay import Transitions  # noqa: E402
 
-OBS_DIM, N_ACTIONS, HIDDEN, BATCH = 47, 25, (256, 256), 256
+OBS_DIM, N_ACTIONS, HIDDEN = 47, 25, (256, 256)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Args:
     """Random transitions on the device."""
     d3rlpy_updates: int = 100
     """d3rlpy updates per timed repeat."""
+    batch_size: int = 256
+    """Transitions per update, for both libraries (2048 is the batch the 100k-episode runs use)."""
 
 
 def random_transitions(n: int, seed: int = 0) -> Transitions:
@@ -79,7 +82,7 @@ def random_transitions(n: int, seed: int = 0) -> Transitions:
     )
 
 
-def update_flops(batch: int = BATCH, widths: tuple[int, ...] = (OBS_DIM, *HIDDEN, N_ACTIONS)) -> float:
+def update_flops(batch: int, widths: tuple[int, ...] = (OBS_DIM, *HIDDEN, N_ACTIONS)) -> float:
     """Matmul FLOPs of one CQL update: forward on obs (online), on next_obs (online and target), and the
     backward pass of the obs forward (weight gradients everywhere, input gradients except the first layer)."""
     forward = sum(2 * batch * i * o for i, o in itertools.pairwise(widths))
@@ -105,11 +108,11 @@ def matmul_gflops(repeats: int, n: int = 1024) -> float:
     return 2 * n**3 * loops / statistics.median(times) / 1e9
 
 
-def time_cql(data: Transitions, num_seeds: int, updates: int, repeats: int) -> tuple[float, float]:
+def time_cql(data: Transitions, num_seeds: int, updates: int, repeats: int, batch: int) -> tuple[float, float]:
     """(median compile seconds, median seed-updates per second) of cql.py's train for `num_seeds` seeds, run
     the way cql.py runs it: runs.run_sweep (seeds split over the host devices). The first call is a warm-up."""
     args = dataclasses.replace(
-        cql.Args(), total_updates=updates, eval_every=updates, batch_size=BATCH, hidden=HIDDEN
+        cql.Args(), total_updates=updates, eval_every=updates, batch_size=batch, hidden=HIDDEN
     )
     train = cql.make_train(args, OBS_DIM, N_ACTIONS)
     _, hparams = runs.make_hparam_grid({"alpha": 1.0, "learning_rate": 1e-3, "gamma": 0.99})
@@ -127,17 +130,17 @@ D3RLPY_SCRIPT = textwrap.dedent(
     warnings.filterwarnings("ignore")
     import numpy as np, torch, d3rlpy
     torch.set_num_threads(int(sys.argv[1]))
-    n, updates, repeats = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    n, updates, repeats, batch = (int(x) for x in sys.argv[2:6])
     rng = np.random.default_rng(0)
     terminals = np.zeros(n); terminals[9::10] = 1
     dataset = d3rlpy.dataset.MDPDataset(
         rng.normal(size=(n, 47)).astype(np.float32), rng.integers(0, 25, n), rng.random(n).astype(np.float32),
         terminals, action_space=d3rlpy.ActionSpace.DISCRETE, action_size=25)
     algo = d3rlpy.algos.DiscreteCQLConfig(
-        batch_size=256, learning_rate=1e-3, alpha=1.0, gamma=0.99,
+        batch_size=batch, learning_rate=1e-3, alpha=1.0, gamma=0.99,
         encoder_factory=d3rlpy.models.VectorEncoderFactory(hidden_units=[256, 256])).create(device="cpu:0")
     algo.build_with_dataset(dataset)
-    batches = [dataset.sample_transition_batch(256) for _ in range(updates)]
+    batches = [dataset.sample_transition_batch(batch) for _ in range(updates)]
     for batch in batches[:10]:
         algo.update(batch)
     update_only, with_sampling = [], []
@@ -148,7 +151,7 @@ D3RLPY_SCRIPT = textwrap.dedent(
         update_only.append(updates / (time.perf_counter() - start))
         start = time.perf_counter()
         for _ in range(updates):
-            algo.update(dataset.sample_transition_batch(256))
+            algo.update(dataset.sample_transition_batch(batch))
         with_sampling.append(updates / (time.perf_counter() - start))
     print(json.dumps({"update_only": statistics.median(update_only),
                       "with_sampling": statistics.median(with_sampling),
@@ -166,7 +169,7 @@ def time_d3rlpy(args: Args) -> dict | None:
         return None
     result = subprocess.run(
         [args.bench_python, "-c", D3RLPY_SCRIPT, str(os.cpu_count() or 1), str(args.transitions),
-         str(args.d3rlpy_updates), str(args.repeats)],
+         str(args.d3rlpy_updates), str(args.repeats), str(args.batch_size)],
         capture_output=True, text=True, timeout=3600,
     )  # fmt: skip
     if result.returncode != 0:
@@ -188,10 +191,10 @@ def main() -> None:
     peak = matmul_gflops(args.repeats)
     # the update's matmuls are 256 wide: a loop of 256^3 matmuls is the ceiling at that shape
     peak_256 = matmul_gflops(args.repeats, n=256)
-    flops = update_flops()
+    flops = update_flops(args.batch_size)
     print(
         f"float32 matmul throughput (JAX, jitted loop): {peak:.1f} GFLOP/s at 1024^3, {peak_256:.1f} at 256^3; "
-        f"CQL update: {flops / 1e6:.1f} MFLOP"
+        f"CQL update at batch {args.batch_size}: {flops / 1e6:.1f} MFLOP"
     )
     reference = time_d3rlpy(args)
     if reference:
@@ -201,7 +204,7 @@ def main() -> None:
         )
     rows = []
     for num_seeds in args.seeds:
-        compile_seconds, rate = time_cql(data, num_seeds, args.updates, args.repeats)
+        compile_seconds, rate = time_cql(data, num_seeds, args.updates, args.repeats, args.batch_size)
         gflops = rate * flops / 1e9
         ratio = rate / reference["with_sampling"] if reference else float("nan")
         rows.append((num_seeds, rate, ratio, gflops / peak, gflops / peak_256, compile_seconds))
