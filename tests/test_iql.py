@@ -32,6 +32,14 @@ def test_expectile_loss_matches_numpy():
     assert float(iql.expectile_loss(jnp.asarray([1.0]), 0.9)) > float(iql.expectile_loss(jnp.asarray([-1.0]), 0.9))
 
 
+def test_learning_rate_schedule_is_a_cosine_from_the_traced_peak_to_zero():
+    counts = np.array([0, 250, 500, 750, 1000])
+    decayed = jax.jit(lambda peak: jax.vmap(iql.learning_rate_schedule(peak, 1000, True))(counts))(2e-3)
+    np.testing.assert_allclose(decayed, 2e-3 * 0.5 * (1 + np.cos(np.pi * counts / 1000)), rtol=1e-6)
+    assert decayed[-1] == pytest.approx(0.0, abs=1e-12)
+    assert iql.learning_rate_schedule(2e-3, 1000, False) == 2e-3
+
+
 def test_awr_weights_and_masked_log_prob_match_numpy():
     adv = np.array([-1.0, 0.0, 0.5, 3.0], np.float32)
     np.testing.assert_allclose(iql.awr_weights(jnp.asarray(adv), 2.0, 100.0), np.minimum(np.exp(2 * adv), 100), rtol=1e-6)
