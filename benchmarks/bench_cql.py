@@ -130,17 +130,17 @@ D3RLPY_SCRIPT = textwrap.dedent(
     warnings.filterwarnings("ignore")
     import numpy as np, torch, d3rlpy
     torch.set_num_threads(int(sys.argv[1]))
-    n, updates, repeats, batch = (int(x) for x in sys.argv[2:6])
+    n, updates, repeats, batch_size = (int(x) for x in sys.argv[2:6])
     rng = np.random.default_rng(0)
     terminals = np.zeros(n); terminals[9::10] = 1
     dataset = d3rlpy.dataset.MDPDataset(
         rng.normal(size=(n, 47)).astype(np.float32), rng.integers(0, 25, n), rng.random(n).astype(np.float32),
         terminals, action_space=d3rlpy.ActionSpace.DISCRETE, action_size=25)
     algo = d3rlpy.algos.DiscreteCQLConfig(
-        batch_size=batch, learning_rate=1e-3, alpha=1.0, gamma=0.99,
+        batch_size=batch_size, learning_rate=1e-3, alpha=1.0, gamma=0.99,
         encoder_factory=d3rlpy.models.VectorEncoderFactory(hidden_units=[256, 256])).create(device="cpu:0")
     algo.build_with_dataset(dataset)
-    batches = [dataset.sample_transition_batch(batch) for _ in range(updates)]
+    batches = [dataset.sample_transition_batch(batch_size) for _ in range(updates)]
     for batch in batches[:10]:
         algo.update(batch)
     update_only, with_sampling = [], []
@@ -151,7 +151,7 @@ D3RLPY_SCRIPT = textwrap.dedent(
         update_only.append(updates / (time.perf_counter() - start))
         start = time.perf_counter()
         for _ in range(updates):
-            algo.update(dataset.sample_transition_batch(batch))
+            algo.update(dataset.sample_transition_batch(batch_size))
         with_sampling.append(updates / (time.perf_counter() - start))
     print(json.dumps({"update_only": statistics.median(update_only),
                       "with_sampling": statistics.median(with_sampling),
