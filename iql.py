@@ -110,9 +110,7 @@ def awr_weights(advantage: jnp.ndarray, beta: jnp.ndarray, max_weight: float) ->
 
 def learning_rate_schedule(peak: jnp.ndarray, num_updates: int, decay: bool):
     """count -> learning rate: cosine from the (traced) peak to zero over num_updates, or constant."""
-    if not decay:
-        return peak
-    return lambda count: peak * 0.5 * (1.0 + jnp.cos(jnp.pi * count / num_updates))
+    return optax.cosine_decay_schedule(peak, num_updates) if decay else peak
 
 
 def masked_log_prob(logits: jnp.ndarray, mask: jnp.ndarray, action: jnp.ndarray) -> jnp.ndarray:
@@ -184,7 +182,6 @@ def make_train(args: Args, data: Transitions, env_params: Any):
         v = eqx.filter(make_mlp(obs_dim, "scalar", args, v_key), eqx.is_array)
         pi = eqx.filter(make_mlp(obs_dim, n_actions, args, pi_key), eqx.is_array)
         params = Params(q=q, q_target=q, v=v, pi=pi)
-
         optimiser = optax.inject_hyperparams(optax.adam)(
             learning_rate=learning_rate_schedule(hparams["learning_rate"], args.num_updates, args.lr_decay)
         )
