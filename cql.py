@@ -28,7 +28,7 @@ import tyro
 
 from cleansepsis import runs
 from cleansepsis.checkpoint import linear_layers
-from cleansepsis.replay import Transitions
+from cleansepsis.replay import DistinctTransitions, Transitions, distinct_transitions
 
 ALGO = "cql"
 
@@ -53,6 +53,11 @@ class Args:
     """Updates between logged metrics (and exact evaluations on ICU-Sepsis)."""
     batch_size: int = 256
     """Transitions per update."""
+    full_batch: bool = False
+    """Every update uses the whole replay (its distinct transitions, weighted by count; --batch-size is
+    ignored): the exact gradient of the loss that minibatches estimate, so the result no longer carries
+    sampling noise. An update costs one pass over the distinct observations, so on ICU-Sepsis it is as cheap
+    as a small batch."""
     hidden: tuple[int, ...] = (128, 128)
     """Hidden layer widths of the Q network (ReLU)."""
     target_update_every: int = 100
@@ -156,6 +161,30 @@ def cql_loss(params, static, target_params, batch: Transitions, hparams: dict[st
     }
 
 
+def full_batch_cql_loss(params, static, target_params, data: DistinctTransitions, hparams: dict[str, jax.Array]):
+    """`cql_loss` with the whole replay as the batch, written over (observation, action) cells: each term is
+    a sum over transitions of a function of Q(s, a), so Q runs once per distinct observation and the
+    gradient never scatters back through per-transition rows."""
+    q = jax.vmap(eqx.combine(params, static))(data.obs_table)  # (rows, n_actions)
+    q_target = jax.vmap(eqx.combine(target_params, static))(data.obs_table)  # (rows, n_actions)
+    best = masked_argmax(jax.lax.stop_gradient(q), data.mask_table)  # (rows,) Double DQN: online argmax
+    bootstrap = jnp.take_along_axis(q_target, best[:, None], axis=-1)[:, 0]  # (rows,)
+    target = data.reward + hparams["gamma"] * jnp.where(
+        data.terminated, 0.0, bootstrap[data.next_obs_index]
+    )  # (transitions,)
+    target = jax.lax.stop_gradient(target)
+    target_mean, target_square_mean = data.pair_mean(target), data.pair_mean(target**2)  # (rows, n_actions)
+    # sum_i w_i (q - y_i)^2 = sum over cells of W (q - mean y)^2 + W var y
+    td = jnp.sum(data.pair_weight * ((q - target_mean) ** 2 + target_square_mean - target_mean**2))
+    logsumexp = jax.nn.logsumexp(jnp.where(data.mask_table, q, -jnp.inf), axis=-1)  # (rows,)
+    conservative = jnp.sum(data.pair_weight * (logsumexp[:, None] - q))
+    return td + hparams["alpha"] * conservative, {
+        "td_loss": td,
+        "cql_loss": conservative,
+        "q_data": jnp.sum(data.pair_weight * q),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Training
 
@@ -172,7 +201,8 @@ class TrainState(eqx.Module):
 
 def make_train(args: Args, obs_dim: int, n_actions: int):
     """Pure `train(key, hparams, inputs) -> (params, metrics)` for one seed and one setting, where inputs =
-    (transitions, env params or None) are passed as arguments (as constants they would slow compilation).
+    (transitions, env params or None) are passed as arguments (as constants they would slow compilation);
+    with --full-batch the transitions are `DistinctTransitions`.
     Metrics are arrays of shape (num_evals,); with env params each logged step includes the exact return
     of the greedy policy."""
     optimiser = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.scale_by_adam())
@@ -183,12 +213,19 @@ def make_train(args: Args, obs_dim: int, n_actions: int):
         params, _ = eqx.partition(QNetwork(obs_dim, n_actions, args.hidden, net_key), eqx.is_array)
         return TrainState(params, params, optimiser.init(params), jnp.zeros((), jnp.int32), key)
 
-    def update(state: TrainState, hparams, data: Transitions) -> tuple[TrainState, dict[str, jax.Array]]:
+    def update(
+        state: TrainState, hparams, data: Transitions | DistinctTransitions
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         key, sample_key = jax.random.split(state.key)
-        batch = runs.sample_batch(sample_key, data, args.batch_size)
-        grads, metrics = jax.grad(cql_loss, has_aux=True)(
-            state.params, static, state.target_params, batch, hparams
-        )
+        if args.full_batch:
+            grads, metrics = jax.grad(full_batch_cql_loss, has_aux=True)(
+                state.params, static, state.target_params, data, hparams
+            )
+        else:
+            batch = runs.sample_batch(sample_key, data, args.batch_size)
+            grads, metrics = jax.grad(cql_loss, has_aux=True)(
+                state.params, static, state.target_params, batch, hparams
+            )
         updates, opt_state = optimiser.update(grads, state.opt_state, state.params)
         lr = hparams["learning_rate"]
         if args.lr_decay:
@@ -252,12 +289,16 @@ def main(argv: list[str] | None = None) -> None:
     settings, hparams = runs.make_hparam_grid(
         {"alpha": args.alpha, "learning_rate": args.learning_rate, "gamma": args.gamma}
     )
+    n_transitions = data.size
+    if args.full_batch:
+        data = distinct_transitions(data)
     seeds = runs.seed_list(args.seed, args.num_seeds)
     reference = runs.reference_values(env_params)
     train = make_train(args, replay.obs_dim, replay.n_actions)
     print(
         f"{ALGO}: {len(settings)} setting(s) x {len(seeds)} seed(s), {args.total_updates} updates each, "
-        f"{data.size} transitions from {replay.path}",
+        f"{n_transitions} transitions from {replay.path}"
+        + (f", full batch of {data.size} distinct ones" if args.full_batch else ""),
         file=sys.stderr,
     )
     (params, metrics), timing = runs.run_sweep(

@@ -27,7 +27,7 @@ import tyro
 
 from cleansepsis import runs
 from cleansepsis.checkpoint import linear_layers
-from cleansepsis.replay import Transitions
+from cleansepsis.replay import DistinctTransitions, Transitions, distinct_transitions
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,10 @@ class Args:
     """number of hidden layers"""
     batch_size: int = 256
     """transitions per update"""
+    full_batch: bool = False
+    """every update uses the whole replay (its distinct transitions, weighted by count; --batch-size is
+    ignored): the exact gradient of the losses that minibatches estimate, free of sampling noise; an update
+    costs one pass over the distinct observations, so on ICU-Sepsis it is as cheap as a small batch"""
     num_updates: int = 5_000
     """gradient updates per policy"""
     eval_every: int = 1_000
@@ -97,9 +101,12 @@ class TrainState(eqx.Module):
     step: jnp.ndarray
 
 
-def expectile_loss(diff: jnp.ndarray, tau: jnp.ndarray) -> jnp.ndarray:
-    """mean |tau - 1[diff < 0]| * diff^2 for diff = target - prediction."""
+def expectile_loss(diff: jnp.ndarray, tau: jnp.ndarray, batch_weight: jnp.ndarray | None = None) -> jnp.ndarray:
+    """mean |tau - 1[diff < 0]| * diff^2 for diff = target - prediction; with batch_weight, the sum of
+    batch_weight times it instead."""
     weight = jnp.where(diff < 0, 1.0 - tau, tau)
+    if batch_weight is not None:
+        return jnp.sum(batch_weight * weight * diff**2)
     return jnp.mean(weight * diff**2)
 
 
@@ -136,10 +143,12 @@ def network_statics(args: Args, obs_dim: int, n_actions: int) -> dict[str, Any]:
     }
 
 
-def make_train(args: Args, data: Transitions, env_params: Any):
+def make_train(args: Args, data: Transitions | DistinctTransitions, env_params: Any):
     """A pure train(key, hparams[, inputs]) -> (final params, metrics (num_evals,)) for one seed and one
-    setting; inputs defaults to (data, env_params). Also returns the networks' static parts."""
-    obs_dim, n_actions = data.obs.shape[1], data.action_mask.shape[1]
+    setting; inputs defaults to (data, env_params), with data `DistinctTransitions` under --full-batch.
+    Also returns the networks' static parts and the loss function."""
+    obs_dim = (data.obs_table if isinstance(data, DistinctTransitions) else data.obs).shape[1]
+    n_actions = (data.mask_table if isinstance(data, DistinctTransitions) else data.action_mask).shape[1]
     statics = network_statics(args, obs_dim, n_actions)
     q_static, v_static, pi_static = statics["q"], statics["v"], statics["pi"]
 
@@ -174,6 +183,33 @@ def make_train(args: Args, data: Transitions, env_params: Any):
         total = v_loss + q_loss + pi_loss
         return total, {"q_loss": q_loss, "v_loss": v_loss, "pi_loss": pi_loss, "mean_weight": weight.mean()}
 
+    def full_batch_losses(params: Params, data: DistinctTransitions, hparams):
+        """`losses` with the whole replay as the batch, written over (observation, action) cells: each term
+        is a sum over transitions of a function of the networks at (s, a), so each network runs once per
+        distinct observation and no gradient scatters back through per-transition rows."""
+        obs, cell_weight = data.obs_table, data.pair_weight  # (rows, obs_dim), (rows, n_actions)
+        q_data = q_values(params.q_target, obs).min(0)  # (rows, n_actions)
+        v = v_value(params.v, obs)  # (rows,)
+        v_loss = expectile_loss(jax.lax.stop_gradient(q_data) - v[:, None], hparams["tau"], cell_weight)
+
+        next_v = jax.lax.stop_gradient(v)[data.next_obs_index]  # (transitions,)
+        not_done = 1.0 - data.terminated.astype(jnp.float32)
+        target = data.reward * args.reward_scale + args.gamma * not_done * next_v  # (transitions,)
+        target_mean, target_square_mean = data.pair_mean(target), data.pair_mean(target**2)
+        q = q_values(params.q, obs)  # (2, rows, n_actions)
+        # sum_i w_i (q - y_i)^2 = sum over cells of W (q - mean y)^2 + W var y; averaged over the twins
+        q_loss = jnp.mean(jnp.sum(cell_weight * ((q - target_mean) ** 2 + target_square_mean - target_mean**2),
+                                  axis=(1, 2)))
+
+        advantage = jax.lax.stop_gradient(q_data - v[:, None])
+        weight = awr_weights(advantage, hparams["beta"], args.max_weight)  # (rows, n_actions)
+        allowed = data.mask_table | (cell_weight > 0)  # the data's own action always counts, as in `losses`
+        log_pi = jax.nn.log_softmax(jnp.where(allowed, pi_logits(params.pi, obs), -1e9), axis=-1)
+        pi_loss = -jnp.sum(cell_weight * weight * log_pi)
+        total = v_loss + q_loss + pi_loss
+        mean_weight = jnp.sum(cell_weight * weight)
+        return total, {"q_loss": q_loss, "v_loss": v_loss, "pi_loss": pi_loss, "mean_weight": mean_weight}
+
     def train(key: jax.Array, hparams: dict, inputs=(data, env_params)) -> tuple[Params, dict]:
         data, env_params = inputs  # passed as arguments by run_sweep, so they are not compiled in as constants
         key, q_key, v_key, pi_key = jax.random.split(key, 4)
@@ -191,11 +227,12 @@ def make_train(args: Args, data: Transitions, env_params: Any):
         def update(carry, _):
             state, key = carry
             key, batch_key = jax.random.split(key)
-            batch = runs.sample_batch(batch_key, data, args.batch_size)
+            batch = data if args.full_batch else runs.sample_batch(batch_key, data, args.batch_size)
+            loss_fn = full_batch_losses if args.full_batch else losses
 
             def loss_of(trainable):
                 q, v, pi = trainable
-                return losses(Params(q=q, q_target=state.params.q_target, v=v, pi=pi), batch, hparams)
+                return loss_fn(Params(q=q, q_target=state.params.q_target, v=v, pi=pi), batch, hparams)
 
             trainable = (state.params.q, state.params.v, state.params.pi)
             (_, info), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
@@ -223,7 +260,7 @@ def make_train(args: Args, data: Transitions, env_params: Any):
         (state, _), metrics = jax.lax.scan(evaluate, (state, key), None, length=args.num_evals)
         return state.params, metrics
 
-    return train, statics
+    return train, statics, (losses, full_batch_losses)
 
 
 def export_policy(pi_params: Any, pi_static: Any, depth: int) -> tuple[dict[str, np.ndarray], dict]:
@@ -240,11 +277,13 @@ def main() -> None:
     if any(not 0 < t < 1 for t in args.tau):
         raise runs.RunError(f"--tau values must be in (0, 1), got {args.tau}")
     replay, data, env_params = runs.load_training_data(args.replay)
+    if args.full_batch:
+        data = distinct_transitions(data)
     settings, hparams = runs.make_hparam_grid(
         {"tau": args.tau, "beta": args.beta, "learning_rate": args.learning_rate}
     )
     seeds = runs.seed_list(args.seed, args.num_seeds)
-    train, statics = make_train(args, data, env_params)
+    train, statics, _ = make_train(args, data, env_params)
     (params, metrics), timing = runs.run_sweep(
         train, seeds, hparams, n_ticks=args.num_evals, desc="iql", inputs=(data, env_params)
     )

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import polars as pl
@@ -315,3 +316,83 @@ def frame_to_replay(frame: pl.DataFrame, meta: dict[str, Any], path: Path) -> Re
     known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
     extras = {c: frame.get_column(c).to_numpy() for c in frame.columns if c not in known}
     return Replay(path=path, data=data, meta=meta, has=has, episode_ids=episode_ids, extras=extras)
+
+
+class DistinctTransitions(eqx.Module):
+    """A replay's distinct transitions, weighted by how often each occurs, over a table of its distinct
+    (observation, admissible actions) pairs.
+
+    `sum(weight * f(row))` equals the mean of f over every transition of the replay, so a full-batch loss
+    runs the networks once per table row; a loss that is a sum over transitions of a function of Q(s, a)
+    becomes a sum over the (table row, action) cells, weighted by `pair_weight`. On ICU-Sepsis a
+    926,212-transition replay has 93,503 distinct transitions over 714 table rows."""
+
+    obs_table: jnp.ndarray  # (U, obs_dim) float32: every distinct (obs, mask) and (next_obs, next_mask)
+    mask_table: jnp.ndarray  # (U, n_actions) bool, the admissible actions of each table row
+    obs_index: jnp.ndarray  # (M,) int32 table row of (obs, action_mask)
+    next_obs_index: jnp.ndarray  # (M,) int32 table row of (next_obs, next_action_mask)
+    action: jnp.ndarray  # (M,) int32
+    reward: jnp.ndarray  # (M,) float32
+    terminated: jnp.ndarray  # (M,) bool
+    weight: jnp.ndarray  # (M,) float32, occurrences / N; sums to 1
+    pair_weight: jnp.ndarray  # (U, n_actions) float32, the summed weight of each (table row, action)
+
+    @property
+    def size(self) -> int:
+        return int(self.action.shape[0])
+
+    def pair_mean(self, values: jnp.ndarray) -> jnp.ndarray:
+        """(M,) per-transition values -> (U, n_actions) their weighted mean per (table row, action), 0 where
+        the replay never took that action there."""
+        n_rows, n_actions = self.pair_weight.shape
+        pair = self.obs_index * n_actions + self.action
+        total = jax.ops.segment_sum(self.weight * values, pair, n_rows * n_actions).reshape(n_rows, n_actions)
+        return total / jnp.maximum(self.pair_weight, jnp.finfo(jnp.float32).tiny)
+
+
+def _group_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first, inverse, counts) of the distinct rows of a 2-D array, like `np.unique(axis=0)` but in sorted
+    hash order: rows are hashed to one uint64, and the grouping is checked row by row (sorting whole rows
+    took 50 s on a million-row replay; this takes about a second)."""
+    words = np.ascontiguousarray(rows)
+    words = words.view(np.uint8).reshape(len(rows), -1)
+    words = np.pad(words, ((0, 0), (0, -words.shape[1] % 8))).view(np.uint64)
+    coefficients = np.random.default_rng(0).integers(1, 2**63, words.shape[1], dtype=np.uint64) * 2 + 1
+    with np.errstate(over="ignore"):
+        hashes = (words * coefficients).sum(axis=1, dtype=np.uint64)
+    _, first, inverse, counts = np.unique(hashes, return_index=True, return_inverse=True, return_counts=True)
+    if not np.array_equal(words[first][inverse], words):  # a hash collision: group exactly instead
+        _, first, inverse, counts = np.unique(words, axis=0, return_index=True, return_inverse=True,
+                                              return_counts=True)
+    return first, inverse.reshape(-1), counts
+
+
+def distinct_transitions(data: Transitions) -> DistinctTransitions:
+    """Group identical transitions (same obs, action mask, action, reward, terminated, next obs and next
+    mask), counting them. `truncated`, time and episode are not part of a one-step loss, so they do not
+    split a group."""
+    n = data.size
+    obs = np.concatenate([np.asarray(data.obs, np.float32), np.asarray(data.next_obs, np.float32)])
+    mask = np.concatenate([np.asarray(data.action_mask, bool), np.asarray(data.next_action_mask, bool)])
+    row_first, row_inverse, _ = _group_rows(np.column_stack([obs.view(np.uint8), np.packbits(mask, axis=1)]))
+    action = np.asarray(data.action, np.int32)
+    reward = np.asarray(data.reward, np.float32)
+    terminated = np.asarray(data.terminated, bool)
+    key = np.column_stack(
+        [row_inverse[:n], row_inverse[n:], action, reward.view(np.int32), terminated]  # reward: exact bits
+    ).astype(np.int64)
+    first, _, counts = _group_rows(key)
+    weight = counts / n
+    pair_weight = np.zeros((row_first.size, mask.shape[1]))
+    np.add.at(pair_weight, (row_inverse[:n][first], action[first]), weight)
+    return DistinctTransitions(
+        obs_table=jnp.asarray(obs[row_first]),
+        mask_table=jnp.asarray(mask[row_first]),
+        obs_index=jnp.asarray(row_inverse[:n][first], jnp.int32),
+        next_obs_index=jnp.asarray(row_inverse[n:][first], jnp.int32),
+        action=jnp.asarray(action[first]),
+        reward=jnp.asarray(reward[first]),
+        terminated=jnp.asarray(terminated[first]),
+        weight=jnp.asarray(weight, jnp.float32),
+        pair_weight=jnp.asarray(pair_weight, jnp.float32),
+    )

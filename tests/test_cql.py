@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import polars as pl
+import pytest
 
 import cql
 from cleansepsis.checkpoint import load_checkpoint, network_forward
-from cleansepsis.replay import Transitions, write_replay
+from cleansepsis.replay import Transitions, distinct_transitions, write_replay
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,6 +101,44 @@ def test_cql_penalty_matches_numpy_over_admissible_actions():
     assert (np.asarray(got) >= -1e-6).all()  # logsumexp >= any admissible value
 
 
+def random_replay_with_repeats(seed=0, n=600, n_obs=7, n_actions=5, n_kinds=45):
+    """n transitions drawn (with repeats) from n_kinds distinct ones; each observation has its own
+    admissible actions, which include every action the data take there."""
+    rng = np.random.default_rng(seed)
+    obs_values = rng.normal(size=(n_obs, 3)).astype(np.float32)
+    mask = rng.random((n_obs, n_actions)) < 0.6
+    state, next_state = rng.integers(0, n_obs, (2, n_kinds))
+    action = rng.integers(0, n_actions, n_kinds)
+    mask[state, action] = True
+    reward = rng.normal(size=n_kinds).astype(np.float32)
+    terminated = rng.random(n_kinds) < 0.3
+    kind = rng.integers(0, n_kinds, n)
+    data = make_transitions(
+        obs_values[state[kind]], action[kind], reward[kind], obs_values[next_state[kind]], terminated[kind],
+        mask[state[kind]], mask[next_state[kind]],
+    )
+    return data, len(np.unique(kind))
+
+
+def test_full_batch_loss_equals_the_minibatch_loss_over_the_whole_replay():
+    data, n_kinds = random_replay_with_repeats()
+    distinct = distinct_transitions(data)
+    assert distinct.size == n_kinds and abs(float(distinct.weight.sum()) - 1.0) < 1e-6
+    static = cql.network_static(3, 5, (16,))
+    params, _ = eqx.partition(cql.QNetwork(3, 5, (16,), jax.random.PRNGKey(0)), eqx.is_array)
+    target_params, _ = eqx.partition(cql.QNetwork(3, 5, (16,), jax.random.PRNGKey(1)), eqx.is_array)
+    hp = hparams(alpha=0.7, gamma=0.9)
+    (loss, terms), grads = jax.value_and_grad(cql.cql_loss, has_aux=True)(params, static, target_params, data, hp)
+    (full_loss, full_terms), full_grads = jax.value_and_grad(cql.full_batch_cql_loss, has_aux=True)(
+        params, static, target_params, distinct, hp
+    )
+    np.testing.assert_allclose(full_loss, loss, rtol=1e-5)
+    for name in ("td_loss", "cql_loss", "q_data"):
+        np.testing.assert_allclose(full_terms[name], terms[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    for got, want in zip(jax.tree.leaves(full_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 # ----- probe problems with known answers -----------------------------------------------------------------
 
 
@@ -149,9 +188,13 @@ def chain(n=4000, seed=0):
     return make_transitions(obs, action, reward, next_obs, ~to_b, np.ones((n, 2), bool), next_mask)
 
 
-def test_two_state_chain_bootstraps_through_admissible_actions():
+@pytest.mark.parametrize("full_batch", [False, True])
+def test_two_state_chain_bootstraps_through_admissible_actions(full_batch):
     data = chain()
-    args = small_args(total_updates=2000, eval_every=1000)
+    args = small_args(total_updates=2000, eval_every=1000, full_batch=full_batch)
+    if full_batch:  # the next-state mask differs from the state's own: two table rows for B in copy 1
+        data = distinct_transitions(data)
+        assert data.obs_table.shape[0] == 6 and data.size == 8
     params, metrics = jax.jit(cql.make_train(args, 3, 2))(
         jax.random.PRNGKey(1), hparams(alpha=0.0), (data, None)
     )

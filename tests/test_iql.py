@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_cql import random_replay_with_repeats
 from test_runs import write_probe_replay
 
 import iql
 from cleansepsis import runs
 from cleansepsis.checkpoint import load_checkpoint, network_forward, save_checkpoint
-from cleansepsis.replay import load_replay, write_replay
+from cleansepsis.replay import distinct_transitions, load_replay, write_replay
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,6 +74,31 @@ def _chain_replay(tmp_path, n=400, seed=0):
                               terminated, episode, n_actions=2)
 
 
+def test_full_batch_losses_equal_the_minibatch_losses_over_the_whole_replay():
+    data, n_kinds = random_replay_with_repeats(seed=3)
+    distinct = distinct_transitions(data)
+    assert distinct.size == n_kinds
+    args = iql.Args(hidden=16, depth=1, reward_scale=10.0, gamma=0.9)
+    _, _, (losses, full_batch_losses) = iql.make_train(args, data, None)
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+
+    def arrays(model):
+        return eqx.filter(model, eqx.is_array)
+
+    q = arrays(eqx.filter_vmap(lambda k: iql.make_mlp(3, 5, args, k))(keys[:2]))
+    q_target = arrays(eqx.filter_vmap(lambda k: iql.make_mlp(3, 5, args, k))(keys[2:4]))
+    v, pi = arrays(iql.make_mlp(3, "scalar", args, keys[4])), arrays(iql.make_mlp(3, 5, args, keys[3]))
+    params = iql.Params(q=q, q_target=q_target, v=v, pi=pi)
+    hp = {"tau": jnp.float32(0.8), "beta": jnp.float32(2.0), "learning_rate": jnp.float32(1e-3)}
+    (loss, terms), grads = jax.value_and_grad(losses, has_aux=True)(params, data, hp)
+    (full_loss, full_terms), full_grads = jax.value_and_grad(full_batch_losses, has_aux=True)(params, distinct, hp)
+    np.testing.assert_allclose(full_loss, loss, rtol=1e-5)
+    for name in terms:
+        np.testing.assert_allclose(full_terms[name], terms[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    for got, want in zip(jax.tree.leaves(full_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def _small_args(**kw) -> iql.Args:
     base = dict(hidden=32, depth=2, batch_size=128, num_updates=3000, eval_every=1000, reward_scale=1.0,
                 target_update_rate=0.01)
@@ -85,7 +111,7 @@ def test_chain_answer_seeds_no_retrace_and_checkpoint(tmp_path):
     replay = load_replay(_chain_replay(tmp_path))
     data = replay.split("train")
     args = _small_args()
-    train, statics = iql.make_train(args, data, None)
+    train, statics, _ = iql.make_train(args, data, None)
     traces = []
 
     def counted(key, hparams, inputs):
