@@ -7,6 +7,8 @@ Loss per batch = TD + alpha * CQL, where
 The two terms are logged separately. Actions are `5 * fluid_level + vaso_level`.
 
     uv run python cql.py --alpha 0.1 0.5 1 --num-seeds 5
+    # every update on the whole replay (exact gradients): 0.8707 on the 100k replay in 2 minutes
+    uv run python cql.py --replay data/icu100k.parquet --full-batch --alpha 0.001 --learning-rate 3e-3 --total-updates 6000
 
 With no `--replay`, trains on the built-in ICU-Sepsis clinician replay and evaluates every greedy policy
 exactly on the ICU-Sepsis MDP inside the compiled program.
@@ -161,7 +163,9 @@ def cql_loss(params, static, target_params, batch: Transitions, hparams: dict[st
     }
 
 
-def full_batch_cql_loss(params, static, target_params, data: DistinctTransitions, hparams: dict[str, jax.Array]):
+def full_batch_cql_loss(
+    params, static, target_params, data: DistinctTransitions, hparams: dict[str, jax.Array]
+):
     """`cql_loss` with the whole replay as the batch, written over (observation, action) cells: each term is
     a sum over transitions of a function of Q(s, a), so Q runs once per distinct observation and the
     gradient never scatters back through per-transition rows."""

@@ -287,14 +287,17 @@ def run_script(*argv: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_smoke_run_writes_run_folder(tmp_path):
+@pytest.mark.parametrize("full_batch", [False, True])
+def test_smoke_run_writes_run_folder(tmp_path, full_batch):
     replay = write_bandit_replay(tmp_path / "bandit.parquet")
     out = tmp_path / "run"
     result = run_script(
         "--replay", str(replay), "--alpha", "0.1", "1", "--num-seeds", "2", "--total-updates", "40",
         "--eval-every", "20", "--batch-size", "16", "--hidden", "8", "--run-dir", str(out),
+        *(["--full-batch"] if full_batch else []),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert ("distinct ones" in result.stderr) == full_batch
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["runs"]) == 4
     assert sorted(round(r["hparams"]["alpha"], 4) for r in summary["runs"]) == [0.1, 0.1, 1.0, 1.0]

@@ -154,13 +154,15 @@ def _run(*argv, cwd):
 
 
 @pytest.mark.slow
-def test_cli_on_a_small_icu_sepsis_replay_writes_the_run_folder(tmp_path):
+@pytest.mark.parametrize("full_batch", [False, True])
+def test_cli_on_a_small_icu_sepsis_replay_writes_the_run_folder(tmp_path, full_batch):
     from cleansepsis.icu_replay import make_clinician_replay
 
     frame, meta = make_clinician_replay(200, seed=1)
     write_replay(tmp_path / "icu.parquet", frame, meta)
     out = _run("--replay", "icu.parquet", "--tau", "0.7", "0.9", "--num-seeds", "2", "--num-updates", "20",
-               "--eval-every", "10", "--hidden", "16", "--run-dir", "run", cwd=tmp_path)
+               "--eval-every", "10", "--hidden", "16", "--run-dir", "run", *(["--full-batch"] * full_batch),
+               cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "clinician" in out.stdout and "tau=0.9" in out.stdout
     run = tmp_path / "run"
