@@ -146,7 +146,7 @@ def network_statics(args: Args, obs_dim: int, n_actions: int) -> dict[str, Any]:
 def make_train(args: Args, data: Transitions | DistinctTransitions, env_params: Any):
     """A pure train(key, hparams[, inputs]) -> (final params, metrics (num_evals,)) for one seed and one
     setting; inputs defaults to (data, env_params), with data `DistinctTransitions` under --full-batch.
-    Also returns the networks' static parts and the loss function."""
+    Also returns the networks' static parts and the two loss functions (minibatch, full batch)."""
     obs_dim = (data.obs_table if isinstance(data, DistinctTransitions) else data.obs).shape[1]
     n_actions = (data.mask_table if isinstance(data, DistinctTransitions) else data.action_mask).shape[1]
     statics = network_statics(args, obs_dim, n_actions)
@@ -203,7 +203,9 @@ def make_train(args: Args, data: Transitions | DistinctTransitions, env_params: 
 
         advantage = jax.lax.stop_gradient(q_data - v[:, None])
         weight = awr_weights(advantage, hparams["beta"], args.max_weight)  # (rows, n_actions)
-        allowed = data.mask_table | (cell_weight > 0)  # the data's own action always counts, as in `losses`
+        # the data's actions always count, as in `losses` (which adds each transition's own action only; the
+        # two differ only if a replay logs two or more inadmissible actions at one observation)
+        allowed = data.mask_table | (cell_weight > 0)
         log_pi = jax.nn.log_softmax(jnp.where(allowed, pi_logits(params.pi, obs), -1e9), axis=-1)
         pi_loss = -jnp.sum(cell_weight * weight * log_pi)
         total = v_loss + q_loss + pi_loss

@@ -353,7 +353,7 @@ class DistinctTransitions(eqx.Module):
 def _group_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(first, inverse, counts) of the distinct rows of a 2-D array, like `np.unique(axis=0)` but in sorted
     hash order: rows are hashed to one uint64, and the grouping is checked row by row (sorting whole rows
-    took 50 s on a million-row replay; this takes about a second)."""
+    took 50 s for the observations of a million-transition replay; hashing takes a few seconds)."""
     words = np.ascontiguousarray(rows)
     words = words.view(np.uint8).reshape(len(rows), -1)
     words = np.pad(words, ((0, 0), (0, -words.shape[1] % 8))).view(np.uint64)

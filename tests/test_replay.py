@@ -168,3 +168,25 @@ def test_failed_write_leaves_no_partial_file(tmp_path, tiny_replay, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         R.write_replay(path, frame, meta)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, np.uint8])
+def test_group_rows_agrees_with_numpy_unique(dtype):
+    rng = np.random.default_rng(4)
+    kinds = rng.integers(0, 50, (40, 7)).astype(dtype)
+    rows = kinds[rng.integers(0, 40, 3000)]
+    first, inverse, counts = R._group_rows(rows)
+    np.testing.assert_array_equal(rows[first][inverse], rows)  # every row maps to an equal representative
+    assert counts.sum() == len(rows) and len(np.unique(rows[first], axis=0)) == len(first)  # groups distinct
+    expected_counts = np.unique(rows, axis=0, return_counts=True)[1]
+    np.testing.assert_array_equal(np.sort(counts), np.sort(expected_counts))
+
+
+def test_group_rows_falls_back_to_exact_grouping_on_a_hash_collision():
+    # two different rows of two uint64 words, (c1, 0) and (0, c0), hash to c0 * c1 under the coefficients
+    # (c0, c1) that _group_rows draws; the check must notice and group them apart
+    c = np.random.default_rng(0).integers(1, 2**63, 2, dtype=np.uint64) * 2 + 1
+    rows = np.array([[c[1], 0], [0, c[0]], [c[1], 0]], np.uint64)
+    first, inverse, counts = R._group_rows(rows)
+    assert len(first) == 2 and sorted(counts.tolist()) == [1, 2]
+    np.testing.assert_array_equal(rows[first][inverse], rows)
