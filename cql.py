@@ -125,16 +125,28 @@ def double_dqn_target(
     gamma: jax.Array,  # ()
 ) -> jax.Array:
     """r + gamma * Q_target(s', argmax_{admissible a'} Q_online(s', a')), no bootstrap past a terminal state."""
+    bootstrap = double_dqn_bootstrap(next_q_online, next_q_target, next_mask)  # (batch,)
+    return reward + gamma * jnp.where(terminated, 0.0, bootstrap)
+
+
+def double_dqn_bootstrap(
+    next_q_online: jax.Array, next_q_target: jax.Array, next_mask: jax.Array
+) -> jax.Array:
+    """Q_target(s', argmax_{admissible a'} Q_online(s', a')). Each (batch, n_actions) -> (batch,)."""
     chex.assert_equal_shape([next_q_online, next_q_target, next_mask])
     best = masked_argmax(next_q_online, next_mask)  # (batch,)
-    bootstrap = jnp.take_along_axis(next_q_target, best[:, None], axis=-1)[:, 0]  # (batch,)
-    return reward + gamma * jnp.where(terminated, 0.0, bootstrap)
+    return jnp.take_along_axis(next_q_target, best[:, None], axis=-1)[:, 0]
+
+
+def masked_logsumexp(q: jax.Array, mask: jax.Array) -> jax.Array:
+    """logsumexp over admissible actions. q, mask: (..., n_actions) -> (...)."""
+    return jax.nn.logsumexp(jnp.where(mask, q, -jnp.inf), axis=-1)
 
 
 def cql_penalty(q: jax.Array, action: jax.Array, mask: jax.Array) -> jax.Array:
     """Per-sample logsumexp over admissible actions of Q(s, .) minus Q(s, a_data). q: (batch, n_actions)."""
     chex.assert_equal_shape([q, mask])
-    logsumexp = jax.nn.logsumexp(jnp.where(mask, q, -jnp.inf), axis=-1)  # (batch,)
+    logsumexp = masked_logsumexp(q, mask)  # (batch,)
     q_data = jnp.take_along_axis(q, action[:, None], axis=-1)[:, 0]  # (batch,)
     return logsumexp - q_data
 
@@ -171,16 +183,12 @@ def full_batch_cql_loss(
     gradient never scatters back through per-transition rows."""
     q = jax.vmap(eqx.combine(params, static))(data.obs_table)  # (rows, n_actions)
     q_target = jax.vmap(eqx.combine(target_params, static))(data.obs_table)  # (rows, n_actions)
-    best = masked_argmax(jax.lax.stop_gradient(q), data.mask_table)  # (rows,) Double DQN: online argmax
-    bootstrap = jnp.take_along_axis(q_target, best[:, None], axis=-1)[:, 0]  # (rows,)
+    bootstrap = double_dqn_bootstrap(jax.lax.stop_gradient(q), q_target, data.mask_table)  # (rows,)
     target = data.reward + hparams["gamma"] * jnp.where(
         data.terminated, 0.0, bootstrap[data.next_obs_index]
     )  # (transitions,)
-    target = jax.lax.stop_gradient(target)
-    target_mean, target_square_mean = data.pair_mean(target), data.pair_mean(target**2)  # (rows, n_actions)
-    # sum_i w_i (q - y_i)^2 = sum over cells of W (q - mean y)^2 + W var y
-    td = jnp.sum(data.pair_weight * ((q - target_mean) ** 2 + target_square_mean - target_mean**2))
-    logsumexp = jax.nn.logsumexp(jnp.where(data.mask_table, q, -jnp.inf), axis=-1)  # (rows,)
+    td = data.squared_error(q, jax.lax.stop_gradient(target))
+    logsumexp = masked_logsumexp(q, data.mask_table)  # (rows,)
     conservative = jnp.sum(data.pair_weight * (logsumexp[:, None] - q))
     return td + hparams["alpha"] * conservative, {
         "td_loss": td,

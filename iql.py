@@ -195,11 +195,7 @@ def make_train(args: Args, data: Transitions | DistinctTransitions, env_params: 
         next_v = jax.lax.stop_gradient(v)[data.next_obs_index]  # (transitions,)
         not_done = 1.0 - data.terminated.astype(jnp.float32)
         target = data.reward * args.reward_scale + args.gamma * not_done * next_v  # (transitions,)
-        target_mean, target_square_mean = data.pair_mean(target), data.pair_mean(target**2)
-        q = q_values(params.q, obs)  # (2, rows, n_actions)
-        # sum_i w_i (q - y_i)^2 = sum over cells of W (q - mean y)^2 + W var y; averaged over the twins
-        q_loss = jnp.mean(jnp.sum(cell_weight * ((q - target_mean) ** 2 + target_square_mean - target_mean**2),
-                                  axis=(1, 2)))
+        q_loss = jnp.mean(data.squared_error(q_values(params.q, obs), target))  # mean over the twins
 
         advantage = jax.lax.stop_gradient(q_data - v[:, None])
         weight = awr_weights(advantage, hparams["beta"], args.max_weight)  # (rows, n_actions)

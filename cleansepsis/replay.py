@@ -349,6 +349,13 @@ class DistinctTransitions(eqx.Module):
         total = jax.ops.segment_sum(self.weight * values, pair, n_rows * n_actions).reshape(n_rows, n_actions)
         return total / jnp.maximum(self.pair_weight, jnp.finfo(jnp.float32).tiny)
 
+    def squared_error(self, q: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
+        """sum_i weight_i (q[obs_i, action_i] - target_i)^2 for q (..., U, n_actions) and target (M,), giving
+        (...), through the cells: sum_i w_i (q - y_i)^2 = sum over cells of W (q - mean y)^2 + W var y."""
+        target_mean, target_square_mean = self.pair_mean(target), self.pair_mean(target**2)
+        cell_error = (q - target_mean) ** 2 + target_square_mean - target_mean**2
+        return jnp.sum(self.pair_weight * cell_error, axis=(-2, -1))
+
 
 def _group_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(first, inverse, counts) of the distinct rows of a 2-D array, like `np.unique(axis=0)` but in sorted
