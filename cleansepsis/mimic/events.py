@@ -356,11 +356,20 @@ def lab_pass(table: Table, stays: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFr
     return collect(table, aggregate(_clean(measured), mean_per_time=False)), gases
 
 
-def gas_pf(gases: pl.DataFrame, stays: pl.DataFrame, fio2: pl.DataFrame, vent: pl.DataFrame) -> pl.DataFrame:
-    """Arterial gases with a P/F ratio, per stay of the admission: (stay_id, t, avail, pf, vent).
+def gas_pf(
+    gases: pl.DataFrame,
+    stays: pl.DataFrame,
+    fio2: pl.DataFrame,
+    vent: pl.DataFrame,
+    status: pl.DataFrame,
+    procedures: pl.DataFrame,
+) -> pl.DataFrame:
+    """Arterial gases with a P/F ratio, per stay of the admission: (stay_id, t, avail, pf, vent, vent_known).
 
     FiO2 is that of the gas specimen, else the last charted FiO2 of the stay in the 4 h up to the gas (mimic-code
-    `bg`); `vent` is whether an invasive ventilation interval contains the gas time (mimic-code `sofa` pafi)."""
+    `bg`); `vent` is whether an invasive ventilation interval contains the gas time (mimic-code `sofa` pafi;
+    for the cohort). `vent_known` uses only what was charted up to the gas (for the state): the last charted
+    ventilation status at or before it, within 14 h, is invasive, or a ventilation procedure covers it."""
     art = (
         gases.filter((pl.col("specimen") == feat.ARTERIAL_SPECIMEN) & pl.col("po2").is_not_null())
         .join(stays.select("hadm_id", "stay_id", "t0", "out_h"), on="hadm_id", how="inner")
@@ -390,9 +399,34 @@ def gas_pf(gases: pl.DataFrame, stays: pl.DataFrame, fio2: pl.DataFrame, vent: p
         .unique()
         .with_columns(pl.lit(True).alias("vent"))
     )
+    paired = paired.join(on_vent, on=["stay_id", "specimen_id"], how="left").sort("t")
+    last_status = paired.select("stay_id", "specimen_id", "t").join_asof(
+        status.select("stay_id", pl.col("t").alias("t_status"), "status").sort("t_status"),
+        left_on="t",
+        right_on="t_status",
+        by="stay_id",
+        strategy="backward",
+        tolerance=VENT_GAP_H - 1e-9,
+        check_sortedness=False,
+    )
+    by_procedure = (
+        paired.select("stay_id", "specimen_id", "t")
+        .join(procedures, on="stay_id", how="inner")
+        .filter((pl.col("t") >= pl.col("start_h")) & (pl.col("t") <= pl.col("end_h")))
+        .select("stay_id", "specimen_id")
+        .unique()
+        .with_columns(pl.lit(True).alias("by_procedure"))
+    )
+    known = last_status.join(by_procedure, on=["stay_id", "specimen_id"], how="left").select(
+        "stay_id",
+        "specimen_id",
+        (
+            (pl.col("status") == STATUS_INVASIVE).fill_null(False) | pl.col("by_procedure").fill_null(False)
+        ).alias("vent_known"),
+    )
     return (
-        paired.join(on_vent, on=["stay_id", "specimen_id"], how="left")
-        .select("stay_id", "specimen_id", "t", "avail", "pf", pl.col("vent").fill_null(False))
+        paired.join(known, on=["stay_id", "specimen_id"], how="left")
+        .select("stay_id", "specimen_id", "t", "avail", "pf", pl.col("vent").fill_null(False), "vent_known")
         .sort("stay_id", "t", "specimen_id")
     )
 
@@ -422,7 +456,7 @@ def bin_pf(pf: pl.DataFrame, convention: str) -> pl.DataFrame:
     if convention == "chart":
         hour = (pl.col("t").ceil() - 1).cast(pl.Int32)
     else:
-        pf = pf.filter(pl.col("avail") < NEVER)
+        pf = pf.filter(pl.col("avail") < NEVER).with_columns(pl.col("vent_known").alias("vent"))
         hour = pl.col("avail").floor().cast(pl.Int32)
     return (
         pf.with_columns(hour.alias("hour"))
@@ -563,6 +597,38 @@ def procedure_vent_intervals(table: Table, stays: pl.DataFrame) -> pl.DataFrame:
         .filter(pl.col("end_h") >= pl.col("start_h"))
     )
     return collect(table, lf).sort("stay_id", "start_h", "end_h")
+
+
+def vent_known_hourly(oxygen: pl.DataFrame, procedures: pl.DataFrame, stays: pl.DataFrame) -> pl.DataFrame:
+    """Ventilation as known at each hour's end, for the state: (stay_id, hour, vent=1) when the last ventilation
+    status charted before t0 + h + 1 (within 14 h) is invasive, or a ventilation procedure touches the hour.
+    (mimic-code's episodes end at the *next* charting, which may lie after a window start.)"""
+    hours = (
+        stays.select(
+            "stay_id",
+            pl.int_ranges(-HOURS_BEFORE_ICU, pl.col("out_h").ceil().cast(pl.Int32) + 1, dtype=pl.Int32).alias(
+                "hour"
+            ),
+        )
+        .explode("hour")
+        .with_columns((pl.col("hour") + 1).cast(pl.Float64).alias("end"))
+        .sort("end")
+    )
+    charted = (
+        hours.join_asof(
+            ventilation_status(oxygen).sort("t"),
+            left_on="end",
+            right_on="t",
+            by="stay_id",
+            strategy="backward",
+            allow_exact_matches=False,
+            tolerance=VENT_GAP_H - 1e-9,
+            check_sortedness=False,
+        )
+        .filter(pl.col("status") == STATUS_INVASIVE)
+        .select("stay_id", "hour", pl.lit(1, dtype=pl.Int8).alias("vent"))
+    )
+    return pl.concat([charted, vent_hourly(procedures)]).unique().sort("stay_id", "hour")
 
 
 def vent_hourly(intervals: pl.DataFrame) -> pl.DataFrame:

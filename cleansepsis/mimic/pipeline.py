@@ -475,14 +475,13 @@ def run(args: MimicArgs) -> dict:
     del chart, gcs, labs, gcs_raw
     inputs = events.input_hourly(tables["icu/inputevents"], candidates)
     urine = events.urine_hourly(tables["icu/outputevents"], candidates)
-    vent_intervals = pl.concat(
-        [
-            events.procedure_vent_intervals(tables["icu/procedureevents"], candidates),
-            events.charted_vent_intervals(oxygen),
-        ]
-    ).sort("stay_id", "start_h", "end_h")
+    procedures = events.procedure_vent_intervals(tables["icu/procedureevents"], candidates)
+    vent_intervals = pl.concat([procedures, events.charted_vent_intervals(oxygen)]).sort(
+        "stay_id", "start_h", "end_h"
+    )
     vent = events.vent_hourly(vent_intervals)
-    pf = events.gas_pf(gases, candidates, events.chart_fio2(oxygen), vent_intervals)
+    status = events.ventilation_status(oxygen)
+    pf = events.gas_pf(gases, candidates, events.chart_fio2(oxygen), vent_intervals, status, procedures)
     support = events.oxygen_support(oxygen)
     say(f"inputevents/outputevents/ventilation: {inputs.height}/{urine.height}/{vent.height} stay-hours")
     # the cohort's SOFA: mimic-code's hours (h, h+1] by charttime
@@ -543,7 +542,7 @@ def run(args: MimicArgs) -> dict:
         events.bin_pf(pf, "avail"),
         inputs.filter(pl.col("stay_id").is_in(in_cohort)),
         events.bin_urine(urine.filter(pl.col("stay_id").is_in(in_cohort)), "avail"),
-        vent,
+        events.vent_known_hourly(oxygen, procedures, candidates.filter(pl.col("stay_id").is_in(in_cohort))),
     )
     states = build_states(episodes, measured, pf, support, grid, step)
     # sorted again after the join: obs_rows and next_rows below pair up row by row
