@@ -326,3 +326,33 @@ def test_gcs_carries_components_and_takes_the_worst_of_the_hour(tmp_path):
     assert frame["sofa"][1] == 3 + 4
     gcs = raw(frame, meta, "gcs")
     assert gcs[1] == pytest.approx(15.0) and gcs[2] == pytest.approx(12.0)
+
+
+# mimic-code details the fidelity depends on -----------------------------------------------------------
+
+
+def test_icu_hours_start_at_the_first_heart_rate(tmp_path):
+    """mimic-code's hour 0 ends at the first heart rate rounded up to the hour (`icustay_times`): with the
+    first HR at 1.5 h, a SOFA of 3 from admission gives onset at 2 h, not 1 h."""
+    case = septic_patient(Case(), 1).chart(1, 1.5, 220045, 90.0)
+    case.write(tmp_path / "m")
+    run(
+        MimicArgs(
+            mimic_dir=tmp_path / "m", out=tmp_path / "o", quiet=True, train_fraction=0.99, val_fraction=0
+        )
+    )
+    assert pl.read_parquet(tmp_path / "o" / "cohort.parquet")["onset_time"][0] == at(2.0)
+
+
+def test_urine_24h_is_scaled_by_the_time_it_covers():
+    """mimic-code `urine_output_rate`: 40 mL every 2 h from 1 h, first heart rate at 0 h. At 23 h the 23 h
+    window holds 12 chartings covering 1 + 11 x 2 = 23 h: 480 / 23 x 24 mL. At 21 h they cover 21 h < 22 h:
+    unknown (the old code summed a fixed 24 h grid and read no charting as 0 mL)."""
+    from cleansepsis.mimic.events import urine_24h
+
+    urine = pl.DataFrame({"stay_id": [1] * 14, "t": [1.0 + 2 * i for i in range(14)], "urine": [40.0] * 14})
+    rates = urine_24h(urine, pl.DataFrame({"stay_id": [1], "first_hr_t": [0.0]}))
+    by_t = dict(zip(rates["t"].to_list(), rates["uo_24h"].to_list(), strict=True))
+    assert by_t[21.0] is None
+    assert by_t[23.0] == pytest.approx(480 / 23 * 24)
+    assert by_t[25.0] == pytest.approx(480 / 24 * 24)  # 3..25 h: twelve chartings of 2 h each

@@ -134,9 +134,17 @@ def sepsis_onset(si: pl.DataFrame, grid: pl.DataFrame, stays: pl.DataFrame) -> p
     si_h = si.join(stays.select("stay_id", "t0"), on="stay_id").with_columns(
         ((pl.col("si_time") - pl.col("t0")).dt.total_seconds(fractional=True) / 3600.0).alias("si_h")
     )
-    sofa_hours = grid.filter((pl.col("hour") >= 0) & (pl.col("sofa") >= 2)).select(
+    # in-ICU rows only: mimic-code's hour 0 ends at the first heart rate rounded up to the hour
+    first_end = stays.select("stay_id", "first_hour_end") if "first_hour_end" in stays.columns else None
+    sofa_hours = grid.filter(pl.col("sofa") >= 2).select(
         "stay_id", (pl.col("hour") + 1).alias("onset_h"), pl.col("sofa").alias("sofa_at_onset")
     )
+    if first_end is None:
+        sofa_hours = sofa_hours.filter(pl.col("onset_h") >= 1)
+    else:
+        sofa_hours = sofa_hours.join(first_end, on="stay_id").filter(
+            pl.col("onset_h") >= pl.col("first_hour_end")
+        )
     matched = (
         si_h.join(sofa_hours, on="stay_id", how="inner")
         .filter(

@@ -115,6 +115,7 @@ def aggregate(lf: pl.LazyFrame, mean_per_time: bool) -> pl.LazyFrame:
         .agg(
             pl.col("value").sort_by(["t", "avail", "value"]).last().cast(pl.Float32).alias("last"),
             t.max().alias("t_last"),
+            t.min().alias("t_first"),
             pl.col("avail").max().alias("t_avail"),
             pl.col("lo").min().cast(pl.Float32).alias("min"),
             pl.col("hi").max().cast(pl.Float32).alias("max"),
@@ -556,9 +557,9 @@ def input_hourly(table: Table, stays: pl.DataFrame) -> pl.DataFrame:
     return out.sort("stay_id", "hour")
 
 
-def urine_hourly(table: Table, stays: pl.DataFrame) -> pl.DataFrame:
-    """outputevents -> urine output (mL; GU irrigant counted negative, mimic-code) per (stay_id, hour, exact)
-    where hour = floor(charttime) and exact = charted on the hour (for either hour convention)."""
+def urine_events(table: Table, stays: pl.DataFrame) -> pl.DataFrame:
+    """outputevents -> urine output (mL) per (stay_id, t) charting time, GU irrigant counted negative
+    (mimic-code `urine_output`)."""
     ids = [*act.URINE_IDS, act.GU_IRRIGANT_IN]
     sign = pl.when(pl.col("itemid") == act.GU_IRRIGANT_IN).then(-1.0).otherwise(1.0)
     lf = (
@@ -567,23 +568,52 @@ def urine_hourly(table: Table, stays: pl.DataFrame) -> pl.DataFrame:
         .unique()  # an exactly duplicated row would count its volume twice
         .join(stays.lazy().select("stay_id", "t0", "out_h"), on="stay_id", how="inner")
         .with_columns(hours_since("charttime").alias("t"))
-        .with_columns(
-            pl.col("t").floor().cast(pl.Int32).alias("hour"),
-            (pl.col("t") == pl.col("t").floor()).alias("exact"),
-        )
-        .filter(pl.col("hour") >= -HOURS_BEFORE_ICU)
-        .group_by("stay_id", "hour", "exact")
+        .filter(pl.col("t") >= -HOURS_BEFORE_ICU)
+        .group_by("stay_id", "t")
         .agg(_sorted_sum(pl.col("value") * sign).alias("urine"))
     )
-    return collect(table, lf).sort("stay_id", "hour", "exact")
+    return collect(table, lf).sort("stay_id", "t")
+
+
+URINE_WINDOW_H = 23.0  # mimic-code `urine_output_rate`: the charting and those of the 23 h before it
+URINE_MIN_OBSERVED_H, URINE_MAX_OBSERVED_H = 22.0, 30.0  # mimic-code `sofa`: uo_tm_24hr in [22, 30]
+
+
+def urine_24h(urine: pl.DataFrame, first_hr: pl.DataFrame) -> pl.DataFrame:
+    """Per urine charting, the 24 h output as mimic-code `urine_output_rate` and `sofa` compute it: the
+    output charted in the 23 h up to it, over the time it covers (each charting covers the time since the
+    previous one; the first, the time since the stay's first heart rate), scaled to 24 h when that time is
+    22-30 h, else unknown. `first_hr`: (stay_id, first_hr_t). Rows: (stay_id, t, urine, uo_24h)."""
+    seconds = (pl.col("t") * 3600.0).round().cast(pl.Int64)
+    rows = (
+        urine.join(first_hr, on="stay_id", how="left")
+        .sort("stay_id", "t")
+        .with_columns(
+            seconds.alias("t_s"),
+            (pl.col("t") - pl.col("t").shift(1).over("stay_id"))
+            .fill_null(pl.col("t") - pl.col("first_hr_t"))
+            .alias("covered_h"),
+        )
+    )
+    window = f"{int(URINE_WINDOW_H * 3600) + 1}i"  # (t - 23 h - 1 s, t] = [t - 23 h, t] in whole seconds
+    sums = rows.rolling(index_column="t_s", period=window, closed="right", group_by="stay_id").agg(
+        pl.col("urine").sum().alias("urine_window"), pl.col("covered_h").sum().alias("covered_window")
+    )
+    rows = rows.join(sums, on=["stay_id", "t_s"], how="left")
+    covered = pl.col("covered_window")
+    valid = (covered >= URINE_MIN_OBSERVED_H) & (covered <= URINE_MAX_OBSERVED_H)
+    uo_24h = pl.when(valid).then(pl.col("urine_window") / covered * 24.0)
+    return rows.select("stay_id", "t", "urine", uo_24h.alias("uo_24h")).sort("stay_id", "t")
 
 
 def bin_urine(urine: pl.DataFrame, convention: str) -> pl.DataFrame:
-    hour = pl.col("hour") - pl.col("exact").cast(pl.Int32) if convention == "chart" else pl.col("hour")
+    """Urine chartings -> per (stay_id, hour): output in the hour (mL) and the highest 24 h estimate of a
+    charting in the hour (mimic-code `sofa` takes MAX(uo_24hr) per hour)."""
+    hour = (pl.col("t").ceil() - 1) if convention == "chart" else pl.col("t").floor()
     return (
-        urine.with_columns(hour.alias("hour"))
+        urine.with_columns(hour.cast(pl.Int32).alias("hour"))
         .group_by("stay_id", "hour")
-        .agg(_sorted_sum(pl.col("urine")).cast(pl.Float32).alias("urine"))
+        .agg(_sorted_sum(pl.col("urine")).cast(pl.Float32).alias("urine"), pl.col("uo_24h").max())
     )
 
 

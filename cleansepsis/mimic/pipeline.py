@@ -474,7 +474,18 @@ def run(args: MimicArgs) -> dict:
     measured = pl.concat([chart, gcs, labs]).sort(events.KEYS)
     del chart, gcs, labs, gcs_raw
     inputs = events.input_hourly(tables["icu/inputevents"], candidates)
-    urine = events.urine_hourly(tables["icu/outputevents"], candidates)
+    # mimic-code's ICU hours start at the first heart rate (`icustay_times`), rounded up to the hour
+    first_hr = (
+        measured.filter(pl.col("feature") == feat.FEATURE_CODE["hr"])
+        .group_by("stay_id")
+        .agg(pl.col("t_first").min().alias("first_hr_t"))
+    )
+    candidates = (
+        candidates.join(first_hr, on="stay_id", how="left")
+        .with_columns(pl.col("first_hr_t").ceil().fill_null(1.0).alias("first_hour_end"))
+        .sort("stay_id")
+    )
+    urine = events.urine_24h(events.urine_events(tables["icu/outputevents"], candidates), first_hr)
     procedures = events.procedure_vent_intervals(tables["icu/procedureevents"], candidates)
     vent_intervals = pl.concat([procedures, events.charted_vent_intervals(oxygen)]).sort(
         "stay_id", "start_h", "end_h"

@@ -94,9 +94,6 @@ def renal(creatinine: pl.Expr, urine_24h: pl.Expr) -> pl.Expr:
     return pl.when(known).then(score).otherwise(None).cast(pl.Int8)
 
 
-URINE_MIN_OBSERVED_H = 22  # mimic-code `sofa`: urine counts when 22-30 h of output were observed
-
-
 def hourly_grid(
     stays: pl.DataFrame,
     measured: pl.DataFrame,
@@ -139,20 +136,7 @@ def hourly_grid(
         .sort("stay_id", "hour")
     )
     by_stay = "stay_id"
-    observed = pl.col("hour") - pl.col("first_urine_hour") + 1
     grid = grid.with_columns(
-        pl.when(pl.col("urine").is_not_null())
-        .then(pl.col("hour"))
-        .min()
-        .over(by_stay)
-        .alias("first_urine_hour"),
-        pl.col("urine").rolling_sum(window_size=24, min_samples=1).over(by_stay).alias("urine_24h_sum"),
-    ).with_columns(
-        # missing urine stays missing: no charted output in 24 h, or under 22 h observed, gives no score;
-        # 22-24 h observed are scaled to 24 h as mimic-code scales by the observed time
-        pl.when(observed >= URINE_MIN_OBSERVED_H)
-        .then(pl.col("urine_24h_sum") * 24.0 / pl.min_horizontal(observed, 24))
-        .alias("urine_24h"),
         pl.col("vent").fill_null(0).cast(pl.Boolean).alias("vent"),
         ((pl.col("fluid_raw").fill_null(0.0) - pl.col("urine").fill_null(0.0)) * (pl.col("hour") >= 0))
         .cum_sum()
@@ -182,7 +166,7 @@ def hourly_grid(
             pl.col("norepinephrine_at_end"),
         ).alias("sofa_cv"),
         central_nervous(pl.col("gcs_min")).alias("sofa_cns"),
-        renal(pl.col("creatinine_max"), pl.col("urine_24h")).alias("sofa_renal"),
+        renal(pl.col("creatinine_max"), pl.col("uo_24h")).alias("sofa_renal"),
     )
     grid = grid.with_columns(
         pl.col(c).rolling_max(window_size=24, min_samples=1).over(by_stay).fill_null(0).cast(pl.Int8).alias(c)
