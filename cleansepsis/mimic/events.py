@@ -331,9 +331,13 @@ def lab_pass(table: Table, stays: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFr
     )
     gases = (
         table.scan()
-        .filter(item.is_in(gas_ids) & pl.col("hadm_id").is_in(stays.get_column("hadm_id").unique().implode()))
+        .filter(
+            item.is_in(gas_ids)
+            & pl.col("subject_id").is_in(stays.get_column("subject_id").unique().implode())
+        )
         .group_by("specimen_id")
         .agg(
+            pl.col("subject_id").max(),
             pl.col("hadm_id").max(),
             pl.col("charttime").max(),
             pl.col("storetime").max(),
@@ -365,15 +369,16 @@ def gas_pf(
     status: pl.DataFrame,
     procedures: pl.DataFrame,
 ) -> pl.DataFrame:
-    """Arterial gases with a P/F ratio, per stay of the admission: (stay_id, t, avail, pf, vent, vent_known).
+    """Arterial gases with a P/F ratio, per stay: (stay_id, t, avail, pf, vent, vent_known).
 
     FiO2 is that of the gas specimen, else the last charted FiO2 of the stay in the 4 h up to the gas (mimic-code
-    `bg`); `vent` is whether an invasive ventilation interval contains the gas time (mimic-code `sofa` pafi;
-    for the cohort). `vent_known` uses only what was charted up to the gas (for the state): the last charted
+    `bg`); `vent` is whether a charted invasive ventilation episode contains the gas time (mimic-code `sofa`
+    pafi; for the cohort). Gases attach to every stay of the patient whose time window holds them. `vent_known` uses only what was charted up to the gas (for the state): the last charted
     ventilation status at or before it, within 14 h, is invasive, or a ventilation procedure covers it."""
     art = (
         gases.filter((pl.col("specimen") == feat.ARTERIAL_SPECIMEN) & pl.col("po2").is_not_null())
-        .join(stays.select("hadm_id", "stay_id", "t0", "out_h"), on="hadm_id", how="inner")
+        # mimic-code `sofa` joins blood gases to the stay by patient (pafi), not by admission
+        .join(stays.select("subject_id", "stay_id", "t0", "out_h"), on="subject_id", how="inner")
         .with_columns(
             hours_since("charttime").alias("t"),
             hours_since("storetime").fill_null(NEVER).alias("avail"),

@@ -30,7 +30,7 @@ class Measured:
 MEASURED: tuple[Measured, ...] = (
     Measured("hr", "bpm", (220045,), (), 0, 250, 2),
     Measured("sbp", "mmHg", (220050, 225309, 220179), (), 0, 300, 2),  # arterial, ART BP, then cuff
-    Measured("map", "mmHg", (220052, 225312, 220181), (), 0, 200, 2),
+    Measured("map", "mmHg", (220052, 225312, 220181), (), 1, 200, 2),  # mimic-code keeps 0 < MAP
     Measured("dbp", "mmHg", (220051, 225310, 220180), (), 0, 200, 2),
     Measured("rr", "/min", (220210, 224690), (), 0, 80, 2),
     Measured("spo2", "%", (220277,), (), 0, 150, 2),  # >100 set to 100

@@ -487,12 +487,11 @@ def run(args: MimicArgs) -> dict:
     )
     urine = events.urine_24h(events.urine_events(tables["icu/outputevents"], candidates), first_hr)
     procedures = events.procedure_vent_intervals(tables["icu/procedureevents"], candidates)
-    vent_intervals = pl.concat([procedures, events.charted_vent_intervals(oxygen)]).sort(
-        "stay_id", "start_h", "end_h"
-    )
-    vent = events.vent_hourly(vent_intervals)
+    charted_vent = events.charted_vent_intervals(oxygen)
+    vent = events.vent_hourly(pl.concat([procedures, charted_vent]).sort("stay_id", "start_h", "end_h"))
     status = events.ventilation_status(oxygen)
-    pf = events.gas_pf(gases, candidates, events.chart_fio2(oxygen), vent_intervals, status, procedures)
+    # the cohort's P/F ventilation flag: mimic-code `ventilation` episodes (charted settings) only
+    pf = events.gas_pf(gases, candidates, events.chart_fio2(oxygen), charted_vent, status, procedures)
     support = events.oxygen_support(oxygen)
     say(f"inputevents/outputevents/ventilation: {inputs.height}/{urine.height}/{vent.height} stay-hours")
     # the cohort's SOFA: mimic-code's hours (h, h+1] by charttime
