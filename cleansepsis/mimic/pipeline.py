@@ -44,6 +44,22 @@ ALIGNMENT = (
 )
 
 
+RULES = {
+    "ties": (
+        "rows of one variable charted at the same time: the value of the preferred item (the order of its "
+        "itemids in cleansepsis/mimic/features.py: arterial line before cuff), then the higher value; hourly "
+        "minima/maxima use the mean of a timestamp's chart rows (mimic-code vitalsign) and every lab row"
+    ),
+    "lab_availability": (
+        "a lab result enters the state from its labevents.storetime (none: never); SOFA for the Sepsis-3 "
+        "cohort uses charttime, as mimic-code"
+    ),
+    "labs": "attached by hadm_id (labs without one are not used), blood gases from arterial specimens only",
+    "hours": "cohort SOFA hours (h, h+1] by charttime (mimic-code); state hours [h, h+1) by availability",
+    "comorbidity": "Charlson index of admissions discharged before the stay; the current one's codes excluded",
+}
+
+
 @dataclass(frozen=True)
 class MimicArgs:
     """Build an offline-RL replay of Sepsis-3 ICU stays from MIMIC-IV."""
@@ -632,6 +648,7 @@ def run(args: MimicArgs) -> dict:
         "cohort_counts": counts,
         "cohort_steps": list(counts),  # the order of the exclusion steps (JSON objects keep no order)
         "alignment": ALIGNMENT,
+        "rules": RULES,
         "hold_hours": {m.name: m.hold_hours for m in feat.MEASURED},
         "extras": {
             "vaso_ne_eq": "max NE-equivalent rate in the action window, ug/kg/min",
