@@ -167,16 +167,18 @@ def test_sofa_components_at_thresholds():
     cr = [1.1, 1.2, 2.0, 3.5, 5.0, None, None, None]
     uo = [None, None, None, None, None, 600.0, 499.0, 199.0]
     assert _score(sofa.renal(c("cr"), c("uo")), cr=cr, uo=uo) == [0, 1, 2, 3, 4, 0, 3, 4]
-    z = [0.0] * 6
+    # a null rate = no infusion of the agent running at the hour's end (mimic-code)
+    none = [None] * 7
     cv = sofa.cardiovascular(c("map"), c("dopa"), c("dobu"), c("epi"), c("ne"))
     assert _score(
         cv,
-        map=[75.0, 69.0, 80.0, 80.0, 80.0, 80.0],
-        dopa=[0.0, 0.0, 3.0, 6.0, 16.0, 0.0],
-        dobu=z,
-        epi=z,
-        ne=[0.0, 0.0, 0.0, 0.0, 0.0, 0.11],
-    ) == [0, 1, 2, 3, 4, 4]
+        map=[75.0, 69.0, 80.0, 80.0, 80.0, 80.0, None],
+        dopa=[None, None, 3.0, 6.0, 16.0, None, None],
+        dobu=none,
+        epi=[None, None, None, None, None, None, 0.0],
+        ne=[None, None, None, None, None, 0.11, None],
+    ) == [0, 1, 2, 3, 4, 4, 3]
+    assert _score(cv, map=[None], dopa=[None], dobu=[None], epi=[None], ne=[None]) == [None]
 
 
 @pytest.mark.parametrize(

@@ -54,13 +54,14 @@ def liver(bilirubin: pl.Expr) -> pl.Expr:
 
 
 def cardiovascular(map_min: pl.Expr, dopamine, dobutamine, epinephrine, norepinephrine) -> pl.Expr:
-    dopa, dobu, epi, ne = (x.fill_null(0.0) for x in (dopamine, dobutamine, epinephrine, norepinephrine))
-    any_drug = (dopa > 0) | (dobu > 0) | (epi > 0) | (ne > 0)
-    known = map_min.is_not_null() | any_drug
+    """mimic-code `sofa`: a rate is null when no infusion of the agent runs at the hour's end; an epinephrine or
+    norepinephrine infusion running at any rate <= 0.1 ug/kg/min scores 3 (SQL `rate <= 0.1`)."""
+    dopa, dobu, epi, ne = dopamine, dobutamine, epinephrine, norepinephrine
+    known = pl.any_horizontal(x.is_not_null() for x in (map_min, dopa, dobu, epi, ne))
     score = (
         pl.when((dopa > 15) | (epi > 0.1) | (ne > 0.1))
         .then(4)
-        .when((dopa > 5) | (epi > 0) | (ne > 0))
+        .when((dopa > 5) | (epi <= 0.1) | (ne <= 0.1))
         .then(3)
         .when((dopa > 0) | (dobu > 0))
         .then(2)
