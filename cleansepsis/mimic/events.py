@@ -143,35 +143,46 @@ def chart_pass(table: Table, stays: pl.DataFrame) -> tuple[pl.DataFrame, pl.Data
         pl.col("t").alias("avail"),  # chartevents: charted = known (storetime is blank in the demo)
     )
     measured = aggregate(_clean(measured), mean_per_time=True)
-    gcs = base.filter(pl.col("itemid").is_in(list(GCS_IDS))).select(
-        "stay_id", "t", "itemid", (pl.col("value") == feat.GCS_VERBAL_ETT).alias("ett"), "valuenum"
-    )
+    gcs = gcs_components(base.filter(pl.col("itemid").is_in(list(GCS_IDS))))
+    text = pl.col("itemid").is_in([O2_DEVICE_ID, VENT_MODE_ID, VENT_MODE_HAMILTON_ID])
     oxygen = base.filter(pl.col("itemid").is_in(list(OXYGEN_IDS))).select(
-        "stay_id", "t", "itemid", pl.col("value").str.strip_chars().alias("value"), "valuenum"
+        "stay_id",
+        "t",
+        pl.col("itemid").cast(pl.Int32),
+        pl.when(text).then(pl.col("value").str.strip_chars()).alias("value"),  # only the text items need it
+        pl.col("valuenum").cast(pl.Float32),
     )
     return tuple(collect_many(table, [measured, gcs, oxygen]))  # type: ignore[return-value]
 
 
-def gcs_events(raw: pl.DataFrame) -> pl.DataFrame:
-    """GCS total per charting time, as mimic-code `measurement/gcs`: a missing component is carried forward
-    from a charting in the previous 6 h (per component), else counted normal (eye 4, verbal 5, motor 6);
-    'No Response-ETT' (intubated) gives 15, also when carried forward. Rows: (stay_id, t, gcs)."""
+def gcs_components(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """GCS chartevents rows -> one row per (stay_id, t) with the eye, verbal and motor scores charted then
+    (verbal 'No Response-ETT', the intubated patient, coded 0 as mimic-code `gcs`; out-of-range scores null)."""
     eye, verbal, motor = feat.GCS_EYE_ID, feat.GCS_VERBAL_ID, feat.GCS_MOTOR_ID
     item, v = pl.col("itemid"), pl.col("valuenum")
+    ett = pl.col("value") == feat.GCS_VERBAL_ETT
     component = {
         "eye": pl.when((item == eye) & v.is_between(1, 4)).then(v),
-        "verbal": pl.when((item == verbal) & pl.col("ett"))
+        "verbal": pl.when((item == verbal) & ett)
         .then(0.0)
         .when((item == verbal) & v.is_between(1, 5))
         .then(v),
         "motor": pl.when((item == motor) & v.is_between(1, 6)).then(v),
     }
-    wide = (
-        raw.group_by("stay_id", "t")
-        .agg(*(expr.max().alias(name) for name, expr in component.items()))
+    return (
+        lf.group_by("stay_id", "t")
+        .agg(*(expr.max().cast(pl.Float32).alias(name) for name, expr in component.items()))
         .filter(pl.any_horizontal(pl.col(n).is_not_null() for n in component))
-        .sort("stay_id", "t")
     )
+
+
+def gcs_events(wide: pl.DataFrame) -> pl.DataFrame:
+    """GCS total per charting time, as mimic-code `measurement/gcs`: a missing component is carried forward
+    from a charting in the previous 6 h (per component), else counted normal (eye 4, verbal 5, motor 6);
+    'No Response-ETT' (intubated) gives 15, also when carried forward. `wide`: gcs_components rows.
+    Rows: (stay_id, t, gcs)."""
+    component = ("eye", "verbal", "motor")
+    wide = wide.sort("stay_id", "t")
     carried = []
     for name in component:
         at = pl.when(pl.col(name).is_not_null()).then(pl.col("t"))
