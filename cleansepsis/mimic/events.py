@@ -27,6 +27,7 @@ HOURS_BEFORE_ICU = 48  # labs up to this long before ICU admission may still inf
 SECONDS_PER_HOUR = 3600.0
 NEVER = 1.0e6  # availability (hours) of a lab without storetime: never shown to a state
 KEYS = ["stay_id", "feature", "hour", "exact", "avail_hour"]
+SPECIMEN_CODE = -1  # feature code of the blood gas specimen-type rows (1.0 = arterial) inside the lab pass
 
 # mimic-code `measurement/oxygen_delivery` and `ventilator_setting` itemids
 O2_DEVICE_ID, O2_FLOW_ID, FIO2_CHART_ID = 226732, 223834, 223835
@@ -66,9 +67,9 @@ def hours_since(col: str) -> pl.Expr:
 def _ranges() -> pl.DataFrame:
     return pl.DataFrame(
         {
-            "feature": [feat.FEATURE_CODE[m.name] for m in feat.MEASURED],
-            "low": [float(m.low) for m in feat.MEASURED],
-            "high": [float(m.high) for m in feat.MEASURED],
+            "feature": [*(feat.FEATURE_CODE[m.name] for m in feat.MEASURED), SPECIMEN_CODE],
+            "low": [*(float(m.low) for m in feat.MEASURED), 0.0],
+            "high": [*(float(m.high) for m in feat.MEASURED), 1.0],
         },
         schema={"feature": pl.Int16, "low": pl.Float64, "high": pl.Float64},
     )
@@ -94,12 +95,13 @@ def _clean(lf: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def aggregate(lf: pl.LazyFrame, mean_per_time: bool) -> pl.LazyFrame:
+def aggregate(lf: pl.LazyFrame, mean_per_time: bool, extra_keys: list[str] | None = None) -> pl.LazyFrame:
     """(stay_id, feature, t, avail, rank, valuenum) rows -> one row per KEYS with `last` (the tie-broken value
     at the latest timestamp), `t_last`, `t_avail`, `min`, `max`. `mean_per_time`: the min/max of a timestamp
     with several rows use their mean (chart vitals), else every row (labs)."""
     value = pl.col("valuenum")
-    per_time = lf.group_by("stay_id", "feature", "t", "avail").agg(
+    extra = extra_keys or []
+    per_time = lf.group_by("stay_id", "feature", "t", "avail", *extra).agg(
         value.sort_by(["rank", "valuenum"], descending=[True, False]).last().alias("value"),
         (value.sort().mean() if mean_per_time else value.min()).alias("lo"),
         (value.sort().mean() if mean_per_time else value.max()).alias("hi"),
@@ -111,7 +113,7 @@ def aggregate(lf: pl.LazyFrame, mean_per_time: bool) -> pl.LazyFrame:
             (t == t.floor()).alias("exact"),
             pl.col("avail").floor().cast(pl.Int32).alias("avail_hour"),
         )
-        .group_by(KEYS)
+        .group_by(*KEYS, *extra)
         .agg(
             pl.col("value").sort_by(["t", "avail", "value"]).last().cast(pl.Float32).alias("last"),
             t.max().alias("t_last"),
@@ -322,59 +324,89 @@ def chart_fio2(oxygen: pl.DataFrame) -> pl.DataFrame:
 
 
 def lab_pass(table: Table, stays: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """labevents (attached by hadm_id, as mimic-code) -> (measured aggregates, blood gas specimens).
+    """labevents -> (measured aggregates, blood gas specimens), in one streaming scan.
 
-    Blood gas values (pH, PaO2, PaCO2, base excess) count only from arterial specimens (52033 = 'ART.' on
-    the same specimen_id). A lab is available to a state from its `storetime` (no storetime: never)."""
+    Labs attach to the stays of their admission (hadm_id, as mimic-code's chemistry / blood count / enzyme
+    tables); blood gas rows attach to every stay of the patient (mimic-code `sofa` joins gases by patient)
+    and are aggregated per specimen, so that pH, PaO2, PaCO2 and base excess can be kept for arterial
+    specimens only (52033 = 'ART.' on the same specimen_id). A lab is available to a state from its
+    `storetime` (no storetime: never). Gas specimens: (stay_id, specimen_id, t, avail, arterial, po2, fio2_lab)."""
     mapping = feat.itemid_to_feature("LE")
     rank = feat.itemid_priority("LE")
-    joined = (
-        table.scan()
-        .join(stays.lazy().select("hadm_id", "stay_id", "t0", "out_h"), on="hadm_id", how="inner")
-        .with_columns(hours_since("charttime").alias("t"))
-        .filter(pl.col("t").is_between(-HOURS_BEFORE_ICU, pl.col("out_h")))
-    )
-    gas_ids = [feat.SPECIMEN_TYPE_ID, PO2_ID, FIO2_LAB_ID]
+    gas_feature_ids = [i for name in feat.ARTERIAL_ONLY for i in feat.MEASURED_BY_NAME[name].lab_ids]
+    gas_ids = sorted({feat.SPECIMEN_TYPE_ID, PO2_ID, FIO2_LAB_ID, *gas_feature_ids})
     item = pl.col("itemid")
-    fio2 = pl.col("valuenum")
-    fio2_clean = (
-        pl.when((fio2 > 0.2) & (fio2 <= 1.0)).then(fio2 * 100).when((fio2 > 20) & (fio2 <= 100)).then(fio2)
-    )
-    gases = (
+    is_gas = item.is_in(gas_ids)
+    specimen_type = item == feat.SPECIMEN_TYPE_ID
+    arterial = pl.col("value").str.strip_chars() == feat.ARTERIAL_SPECIMEN
+    lf = (
         table.scan()
-        .filter(
-            item.is_in(gas_ids)
-            & pl.col("subject_id").is_in(stays.get_column("subject_id").unique().implode())
+        .filter(item.is_in(sorted({*mapping, *gas_ids})))
+        .join(
+            stays.lazy().select("subject_id", pl.col("hadm_id").alias("stay_hadm"), "stay_id", "t0", "out_h"),
+            on="subject_id",
+            how="inner",
         )
-        .group_by("specimen_id")
-        .agg(
-            pl.col("subject_id").max(),
-            pl.col("hadm_id").max(),
-            pl.col("charttime").max(),
-            pl.col("storetime").max(),
-            pl.col("value").filter(item == feat.SPECIMEN_TYPE_ID).max().str.strip_chars().alias("specimen"),
-            pl.col("valuenum").filter(item == PO2_ID).max().alias("po2"),
-            fio2_clean.filter(item == FIO2_LAB_ID).max().alias("fio2_lab"),
-        )
-    )
-    gases = collect(table, gases)
-    arterial = gases.filter(pl.col("specimen") == feat.ARTERIAL_SPECIMEN).get_column("specimen_id")
-    gas_features = [feat.FEATURE_CODE[name] for name in feat.ARTERIAL_ONLY]
-    measured = (
-        joined.filter(item.is_in(list(mapping)) & pl.col("valuenum").is_not_null())
         .with_columns(
-            item.replace_strict(mapping, return_dtype=pl.Int16).alias("feature"),
-            item.replace_strict(rank, return_dtype=pl.Int8).alias("rank"),
-            hours_since("storetime").fill_null(NEVER).alias("avail"),
+            hours_since("charttime").alias("t"), (pl.col("hadm_id") == pl.col("stay_hadm")).alias("own")
         )
-        .filter(~pl.col("feature").is_in(gas_features) | pl.col("specimen_id").is_in(arterial.implode()))
+        .filter(
+            pl.col("t").is_between(-HOURS_BEFORE_ICU, pl.col("out_h"))
+            & (pl.col("own").fill_null(False) | is_gas)
+        )
+        .with_columns(
+            item.replace_strict(mapping, default=SPECIMEN_CODE, return_dtype=pl.Int16).alias("feature"),
+            item.replace_strict(rank, default=0, return_dtype=pl.Int8).alias("rank"),
+            hours_since("storetime").fill_null(NEVER).alias("avail"),
+            pl.when(is_gas).then(pl.col("specimen_id")).alias("specimen"),
+            pl.when(specimen_type)
+            .then(arterial.cast(pl.Float64))
+            .otherwise(pl.col("valuenum"))
+            .alias("valuenum"),
+        )
+        .filter(pl.col("valuenum").is_not_null())
     )
-    return collect(table, aggregate(_clean(measured), mean_per_time=False)), gases
+    grouped = aggregate(_clean(lf), mean_per_time=False, extra_keys=["specimen", "own"])
+    rows = collect(table, grouped)
+    gas_codes = [feat.FEATURE_CODE[name] for name in feat.ARTERIAL_ONLY]
+    gases = (
+        rows.filter(pl.col("specimen").is_not_null())
+        .group_by("stay_id", "specimen")
+        .agg(
+            pl.col("t_last").max().alias("t"),
+            pl.col("t_avail").max().alias("avail"),
+            (pl.col("max").filter(pl.col("feature") == SPECIMEN_CODE).max() == 1.0)
+            .fill_null(False)
+            .alias("arterial"),
+            pl.col("max")
+            .filter(pl.col("feature") == feat.FEATURE_CODE["pao2"])
+            .max()
+            .cast(pl.Float64)
+            .alias("po2"),
+            pl.col("max")
+            .filter(pl.col("feature") == feat.FEATURE_CODE["fio2"])
+            .max()
+            .cast(pl.Float64)
+            .alias("fio2_lab"),
+        )
+        .rename({"specimen": "specimen_id"})
+        .sort("stay_id", "specimen_id")
+    )
+    arterial_ids = gases.filter(pl.col("arterial")).select("stay_id", pl.col("specimen_id").alias("specimen"))
+    kept = rows.filter(pl.col("own").fill_null(False) & (pl.col("feature") != SPECIMEN_CODE))
+    measured = pl.concat(
+        [
+            kept.filter(~pl.col("feature").is_in(gas_codes)),
+            kept.filter(pl.col("feature").is_in(gas_codes)).join(
+                arterial_ids, on=["stay_id", "specimen"], how="semi"
+            ),
+        ]
+    )
+    return measured.drop("specimen", "own"), gases
 
 
 def gas_pf(
     gases: pl.DataFrame,
-    stays: pl.DataFrame,
     fio2: pl.DataFrame,
     vent: pl.DataFrame,
     status: pl.DataFrame,
@@ -384,19 +416,9 @@ def gas_pf(
 
     FiO2 is that of the gas specimen, else the last charted FiO2 of the stay in the 4 h up to the gas (mimic-code
     `bg`); `vent` is whether a charted invasive ventilation episode contains the gas time (mimic-code `sofa`
-    pafi; for the cohort). Gases attach to every stay of the patient whose time window holds them. `vent_known` uses only what was charted up to the gas (for the state): the last charted
+    pafi; for the cohort). `vent_known` uses only what was charted up to the gas (for the state): the last charted
     ventilation status at or before it, within 14 h, is invasive, or a ventilation procedure covers it."""
-    art = (
-        gases.filter((pl.col("specimen") == feat.ARTERIAL_SPECIMEN) & pl.col("po2").is_not_null())
-        # mimic-code `sofa` joins blood gases to the stay by patient (pafi), not by admission
-        .join(stays.select("subject_id", "stay_id", "t0", "out_h"), on="subject_id", how="inner")
-        .with_columns(
-            hours_since("charttime").alias("t"),
-            hours_since("storetime").fill_null(NEVER).alias("avail"),
-        )
-        .filter(pl.col("t").is_between(-HOURS_BEFORE_ICU, pl.col("out_h")))
-        .sort("t", "specimen_id")
-    )
+    art = gases.filter(pl.col("arterial") & pl.col("po2").is_not_null()).sort("t", "stay_id", "specimen_id")
     paired = art.join_asof(
         fio2.select("stay_id", pl.col("t").alias("t_fio2"), pl.col("fio2").alias("fio2_chart")),
         left_on="t",

@@ -507,7 +507,7 @@ def run(args: MimicArgs) -> dict:
     vent = events.vent_hourly(pl.concat([procedures, charted_vent]).sort("stay_id", "start_h", "end_h"))
     status = events.ventilation_status(oxygen)
     # the cohort's P/F ventilation flag: mimic-code `ventilation` episodes (charted settings) only
-    pf = events.gas_pf(gases, candidates, events.chart_fio2(oxygen), charted_vent, status, procedures)
+    pf = events.gas_pf(gases, events.chart_fio2(oxygen), charted_vent, status, procedures)
     support = events.oxygen_support(oxygen)
     say(f"inputevents/outputevents/ventilation: {inputs.height}/{urine.height}/{vent.height} stay-hours")
     # the cohort's SOFA: mimic-code's hours (h, h+1] by charttime
