@@ -356,3 +356,37 @@ def test_urine_24h_is_scaled_by_the_time_it_covers():
     assert by_t[21.0] is None
     assert by_t[23.0] == pytest.approx(480 / 23 * 24)
     assert by_t[25.0] == pytest.approx(480 / 24 * 24)  # 3..25 h: twelve chartings of 2 h each
+
+
+# state features added for #12 --------------------------------------------------------------------------
+
+
+def test_charlson_uses_only_earlier_admissions(tmp_path):
+    """An admission discharged before the ICU stay coded heart failure (ICD-10 I509, 1 point), a metastasis
+    (C787, 6) and diabetes with complications (ICD-9 25040, 2): Charlson 9. The current admission's own
+    myocardial infarction (I214) is coded at discharge, after the states: not counted."""
+    case = septic_patient(Case(), 1, los_h=8.0)
+    case.admission(1, 150, admit_h=-400.0, disch_h=-300.0)
+    case.diagnosis(1, 150, "I509").diagnosis(1, 150, "C787").diagnosis(1, 150, "25040", version=9)
+    case.diagnosis(1, 201, "I214")  # the current admission (hadm 201)
+    frame, meta = run_case(case, tmp_path)
+    assert raw(frame, meta, "charlson")[0] == pytest.approx(9.0)
+    assert meta["feature_units"]["charlson"] == "points"
+
+
+def test_sirs_counts_the_states_own_values(tmp_path):
+    """Temperature 38.5, heart rate 110, respiratory rate 25 and WBC 15 before 4 h: SIRS 4 at 4 h, 0 before."""
+    case = septic_patient(Case(), 1, los_h=8.0)
+    case.chart(1, 3.0, 223762, 38.5).chart(1, 3.0, 220045, 110.0).chart(1, 3.0, 220210, 25.0)
+    case.lab(1, 2.0, 51301, 15.0)
+    frame, meta = run_case(case, tmp_path)
+    np.testing.assert_allclose(raw(frame, meta, "sirs"), [0.0, 4.0], atol=1e-4)
+
+
+def test_fio2_is_estimated_from_device_and_flow(tmp_path):
+    """No FiO2 charted; nasal cannula at 3 L/min charted at 2 h -> 33% in the state at 4 h (21 + 4 x 3)."""
+    case = septic_patient(Case(), 1, los_h=8.0)
+    case.chart(1, 2.0, DEVICE, None, "Nasal cannula").chart(1, 2.0, O2_FLOW, 3.0)
+    frame, meta = run_case(case, tmp_path)
+    assert np.isnan(raw(frame, meta, "fio2")[1])
+    assert raw(frame, meta, "fio2_imputed")[1] == pytest.approx(33.0, rel=1e-4)
