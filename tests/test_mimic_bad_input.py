@@ -214,3 +214,26 @@ def test_parquet_and_csv_inputs_give_the_same_replay(good_case, tmp_path):
         assert main(folder, tmp_path / f"out_{suffix}") == 0
         frames[suffix] = pl.read_parquet(tmp_path / f"out_{suffix}" / "replay.parquet")
     assert frames["csv"].equals(frames["parquet"])
+
+
+def test_missing_columns_the_fixes_of_issue_12_need(case_dir, tmp_path, capsys):
+    """labevents without storetime (when a result became known) or specimen_id (blood gas type) is refused,
+    not read as if results were known at draw time."""
+    rewrite_csv(case_dir / "hosp" / "labevents.csv.gz", lambda f: f.drop("storetime", "specimen_id"))
+    err = run_bad(case_dir, tmp_path, capsys)
+    assert "labevents.csv.gz" in err and "missing column(s) ['specimen_id', 'storetime']" in err
+
+
+def test_missing_diagnoses_table(case_dir, tmp_path, capsys):
+    (case_dir / "hosp" / "diagnoses_icd.csv.gz").unlink()
+    err = run_bad(case_dir, tmp_path, capsys)
+    assert "table 'diagnoses_icd' not found" in err
+
+
+def test_bad_storetime(case_dir, tmp_path, capsys):
+    rewrite_csv(
+        case_dir / "hosp" / "labevents.csv.gz",
+        lambda f: f.with_columns(pl.lit("yesterday").alias("storetime")),
+    )
+    err = run_bad(case_dir, tmp_path, capsys)
+    assert "labevents.csv.gz" in err and "'storetime'" in err and "yesterday" in err

@@ -149,3 +149,34 @@ def test_bin_edges_come_from_the_train_split_only(demo_out):
         np.testing.assert_allclose(bins[key], np.quantile(train_doses, [0.25, 0.5, 0.75]), rtol=1e-6)
         all_doses = doses[doses > 0]
         assert not np.allclose(bins[key], np.quantile(all_doses, [0.25, 0.5, 0.75]))
+
+
+def test_demo_replay_is_the_same_every_run(demo_out, tmp_path):
+    """Issue #12: four runs on the demo gave three replays (ties at one timestamp were broken arbitrarily)."""
+    out, _ = demo_out
+    again = tmp_path / "again"
+    run(MimicArgs(mimic_dir=demo_dir(), out=again, quiet=True))
+    assert (
+        load_replay(again / "replay.parquet").content_hash == load_replay(out / "replay.parquet").content_hash
+    )
+    assert (again / "cohort.parquet").read_bytes() == (out / "cohort.parquet").read_bytes()
+
+
+def test_demo_shaped_reward_at_four_hour_steps(tmp_path):
+    """Issue #12: `--reward raghu` (and sofa) stopped with NaN rewards at the default 4 h step."""
+    run(MimicArgs(mimic_dir=demo_dir(), out=tmp_path / "raghu", quiet=True, reward="raghu"))
+    rewards = np.asarray(load_replay(tmp_path / "raghu" / "replay.parquet").data.reward)
+    assert np.isfinite(rewards).all() and (np.abs(rewards) > 0).mean() > 0.1
+
+
+def test_demo_states_have_the_listed_features(demo_out):
+    out, _ = demo_out
+    meta = load_replay(out / "replay.parquet").meta
+    for name in ("sirs", "charlson", "readmission", "pt", "inr", "input_total", "output_total", "mech_vent",
+                 "fio2_imputed", "hours_since_icu_admission"):  # fmt: skip
+        assert name in meta["feature_names"] and meta["feature_units"][name], name
+    assert "hours_from_onset" not in meta["feature_names"]
+    report = json.loads((out / "report.json").read_text())["variables"]
+    assert report["sirs"]["max"] <= 4 and report["charlson"]["min"] >= 0
+    # FiO2 imputed from device and flow fills some states without a charted FiO2
+    assert report["fio2_imputed"]["missing_share"] < report["fio2"]["missing_share"]

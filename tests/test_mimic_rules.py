@@ -107,10 +107,13 @@ def _si(abx_h: float, culture_h: float | None, culture_date: datetime | None = N
 @pytest.mark.parametrize(
     ("abx_h", "culture_h", "si_is"),
     [
-        (71.0, 0.0, "culture"),  # culture 71 h before the antibiotic: inside (abx - 72 h, abx]
+        # mimic-code `suspicion_of_infection`: culture in [abx - 72 h, abx) or in (abx, abx + 24 h]
+        (71.0, 0.0, "culture"),  # culture 71 h before the antibiotic
+        (72.0, 0.0, "culture"),  # exactly 72 h before: still inside
         (73.0, 0.0, None),  # 73 h before: outside
-        (0.0, 0.0, "culture"),  # same time counts as "before"
-        (0.0, 23.0, "abx"),  # culture 23 h after the antibiotic: inside [abx, abx + 24 h)
+        (0.0, 0.0, None),  # the same minute: neither before nor after (mimic-code's strict inequalities)
+        (0.0, 23.0, "abx"),  # culture 23 h after the antibiotic
+        (0.0, 24.0, "abx"),  # exactly 24 h after: inside (the old code excluded it)
         (0.0, 25.0, None),  # 25 h after: outside
     ],
 )
@@ -157,26 +160,25 @@ def test_sofa_components_at_thresholds():
     assert _score(sofa.liver(c("b")), b=bili) == [0, 1, 1, 2, 2, 3, 3, 4]
     gcs = [15.0, 14.0, 13.0, 12.0, 10.0, 9.0, 6.0, 5.0, 3.0]
     assert _score(sofa.central_nervous(c("g")), g=gcs) == [0, 1, 1, 2, 2, 3, 3, 4, 4]
-    pf = [450.0, 399.0, 299.0, 199.0, 199.0, 99.0, 99.0]
-    vent = [False, False, False, False, True, False, True]
-    assert _score(sofa.respiration(c("pf"), c("v")), pf=pf, v=vent) == [0, 1, 2, 2, 3, 2, 4]
+    # worst ventilated and non-ventilated P/F of the hour (mimic-code): 3 and 4 need ventilation
+    pf_vent = [None, None, None, None, 199.0, None, 99.0, 250.0, None]
+    pf_novent = [450.0, 399.0, 299.0, 199.0, None, 99.0, None, 90.0, None]
+    assert _score(sofa.respiration(c("v"), c("n")), v=pf_vent, n=pf_novent) == [0, 1, 2, 2, 3, 2, 4, 2, None]
     cr = [1.1, 1.2, 2.0, 3.5, 5.0, None, None, None]
     uo = [None, None, None, None, None, 600.0, 499.0, 199.0]
     assert _score(sofa.renal(c("cr"), c("uo")), cr=cr, uo=uo) == [0, 1, 2, 3, 4, 0, 3, 4]
-    z = [0.0] * 6
+    # a null rate = no infusion of the agent running at the hour's end (mimic-code)
+    none = [None] * 7
     cv = sofa.cardiovascular(c("map"), c("dopa"), c("dobu"), c("epi"), c("ne"))
     assert _score(
         cv,
-        map=[75.0, 69.0, 80.0, 80.0, 80.0, 80.0],
-        dopa=[0.0, 0.0, 3.0, 6.0, 16.0, 0.0],
-        dobu=z,
-        epi=z,
-        ne=[0.0, 0.0, 0.0, 0.0, 0.0, 0.11],
-    ) == [0, 1, 2, 3, 4, 4]
-    assert _score(sofa.gcs_total(c("e"), c("v"), c("m")), e=[4.0, 1.0], v=[5.0, 0.0], m=[6.0, 1.0]) == [
-        15.0,
-        15.0,
-    ]
+        map=[75.0, 69.0, 80.0, 80.0, 80.0, 80.0, None],
+        dopa=[None, None, 3.0, 6.0, 16.0, None, None],
+        dobu=none,
+        epi=[None, None, None, None, None, None, 0.0],
+        ne=[None, None, None, None, None, 0.11, None],
+    ) == [0, 1, 2, 3, 4, 4, 3]
+    assert _score(cv, map=[None], dopa=[None], dobu=[None], epi=[None], ne=[None]) == [None]
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ VASOPRESSORS: dict[str, tuple[int, float]] = {
     "dobutamine": (DOBUTAMINE, 0.0),
 }
 AGENT_OF_ITEMID = {itemid: name for name, (itemid, _) in VASOPRESSORS.items()}
+SOFA_AGENTS = ("dopamine", "dobutamine", "epinephrine", "norepinephrine")  # mimic-code `sofa` cardiovascular
 
 TONICITY: dict[int, float] = {
     225158: 1.0,  # NaCl 0.9%
@@ -80,9 +81,26 @@ def ug_per_kg_min(rate: pl.Expr, unit: pl.Expr, weight: pl.Expr) -> pl.Expr:
     )
 
 
-def fluid_ml(amount: pl.Expr, unit: pl.Expr) -> pl.Expr:
-    unit = unit.str.to_lowercase()
-    return pl.when(unit == "ml").then(amount).when(unit == "l").then(amount * 1000.0).otherwise(None)
+SODIUM_BICARBONATE_ITEMIDS = (220995, 227533)  # 8.4%: 1 mEq per mL
+MANNITOL_ITEMID = 227531  # charted in grams; 20% solution: 5 mL per g
+MANNITOL_ML_PER_G = 5.0
+
+
+def fluid_ml(amount: pl.Expr, unit: pl.Expr, itemid: pl.Expr) -> pl.Expr:
+    """Volume in mL: mL and L as charted; sodium bicarbonate 8.4% in mEq (1 mEq/mL) and mannitol in grams
+    (20%, 5 mL/g) converted, so their tonicity factors apply (MIMIC-IV charts them in mEq and grams)."""
+    unit = unit.str.to_lowercase().str.strip_chars_end(".")
+    return (
+        pl.when(unit == "ml")
+        .then(amount)
+        .when(unit == "l")
+        .then(amount * 1000.0)
+        .when(itemid.is_in(SODIUM_BICARBONATE_ITEMIDS) & (unit == "meq"))
+        .then(amount)
+        .when((itemid == MANNITOL_ITEMID) & (unit == "grams"))
+        .then(amount * MANNITOL_ML_PER_G)
+        .otherwise(None)
+    )
 
 
 def quartile_edges(doses: np.ndarray) -> list[float]:

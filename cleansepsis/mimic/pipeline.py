@@ -5,10 +5,12 @@ restricted to stays with suspected infection -> hourly SOFA -> Sepsis-3 onset ->
 states, actions, rewards -> normalisation and bins fitted on the train split -> replay, cohort table, report.
 
 Alignment (no look-ahead): step k has the action window [w_k, w_k + step) with w_k = max(onset + window_start,
-ICU admission) + k * step (hours since the admission hour). obs_k holds only what was charted strictly before
-w_k (each variable's last value within its hold limit; SOFA over the 24 h ending at w_k; fluids, urine and
-vasopressor over the previous window; balance up to w_k). action_k is what was given inside the window.
-next_obs_k = obs_{k+1}, built from data charted before w_{k+1}, so it includes the window's own charting.
+ICU admission) + k * step (hours since the admission hour). obs_k holds only what was known strictly before
+w_k: charted values by charttime, lab results by storetime (each variable's last value within its hold limit;
+SOFA over the 24 h ending at w_k from results known by then; fluids, urine and vasopressor over the previous
+window; totals up to w_k; comorbidities from earlier admissions). No state feature depends on the onset time
+(which is fixed by antibiotics and cultures up to a day later): the onset only places the window.
+action_k is what was given inside the window. next_obs_k = obs_{k+1}.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import polars as pl
 from cleansepsis.io import atomic_dir
 from cleansepsis.mimic import actions as act
 from cleansepsis.mimic import cohort as coh
-from cleansepsis.mimic import events
+from cleansepsis.mimic import comorbidity, events
 from cleansepsis.mimic import features as feat
 from cleansepsis.mimic import rewards as rew
 from cleansepsis.mimic.sofa import COMPONENTS, hourly_grid
@@ -34,11 +36,28 @@ from cleansepsis.replay import write_replay
 
 ALIGNMENT = (
     "step k acts over [w_k, w_k + step_hours) with w_k = max(onset + window_start_hours, ICU admission hour) "
-    "+ k * step_hours; obs_k uses only data charted strictly before w_k (last value within each variable's hold "
-    "limit, SOFA of the 24 h ending at w_k, fluids/urine/vasopressor of the previous window, balance up to w_k); "
-    "the action is the maximum NE-equivalent rate and the tonicity-adjusted fluid volume given inside the "
-    "window; next_obs_k = obs_{k+1}"
+    "+ k * step_hours; obs_k uses only data known strictly before w_k (chart values by charttime, lab results "
+    "by storetime; last value within each variable's hold limit, SOFA of the 24 h ending at w_k from results "
+    "known by then, fluids/urine/vasopressor of the previous window, totals up to w_k, comorbidities of earlier "
+    "admissions; no feature depends on the onset time); the action is the maximum NE-equivalent rate and the "
+    "tonicity-adjusted fluid volume given inside the window; next_obs_k = obs_{k+1}"
 )
+
+
+RULES = {
+    "ties": (
+        "rows of one variable charted at the same time: the value of the preferred item (the order of its "
+        "itemids in cleansepsis/mimic/features.py: arterial line before cuff), then the higher value; hourly "
+        "minima/maxima use the mean of a timestamp's chart rows (mimic-code vitalsign) and every lab row"
+    ),
+    "lab_availability": (
+        "a lab result enters the state from its labevents.storetime (none: never); SOFA for the Sepsis-3 "
+        "cohort uses charttime, as mimic-code"
+    ),
+    "labs": "attached by hadm_id (labs without one are not used), blood gases from arterial specimens only",
+    "hours": "cohort SOFA hours (h, h+1] by charttime (mimic-code); state hours [h, h+1) by availability",
+    "comorbidity": "Charlson index of admissions discharged before the stay; the current one's codes excluded",
+}
 
 
 @dataclass(frozen=True)
@@ -104,8 +123,9 @@ def _check_not_null(table: Table, frame: pl.DataFrame, columns: list[str]) -> No
             raise MimicInputError(f"{table.path}: column {name!r} has {nulls} empty value(s); expected none")
 
 
-def load_stays(tables: dict[str, Table]) -> pl.DataFrame:
-    """ICU stays with demographics, `t0` (admission truncated to the hour) and `out_h` (discharge, h)."""
+def load_stays(tables: dict[str, Table]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(ICU stays with demographics, `t0` (admission truncated to the hour), `out_h` (discharge, h) and
+    `readmission` (an earlier ICU stay of the patient), admissions)."""
     icu, pat, adm = tables["icu/icustays"], tables["hosp/patients"], tables["hosp/admissions"]
     stays = collect(icu, icu.scan(), streaming=False)
     patients = collect(pat, pat.scan(), streaming=False)
@@ -152,8 +172,11 @@ def load_stays(tables: dict[str, Table]) -> pl.DataFrame:
         (pl.col("dod").cast(pl.Datetime("us")) + pl.duration(days=1) - pl.duration(seconds=1)),
     )
     t0 = pl.col("intime").dt.truncate("1h")
-    return (
-        stays.with_columns(t0.alias("t0"), death.alias("death_time"))
+    earlier_stay = pl.col("intime") > pl.col("intime").min().over("subject_id")
+    stays = (
+        stays.with_columns(
+            t0.alias("t0"), death.alias("death_time"), earlier_stay.cast(pl.Float32).alias("readmission")
+        )
         .with_columns(
             (pl.col("anchor_age") + pl.col("intime").dt.year() - pl.col("anchor_year"))
             .cast(pl.Float32)
@@ -170,6 +193,7 @@ def load_stays(tables: dict[str, Table]) -> pl.DataFrame:
         )
         .sort("stay_id")
     )
+    return stays, admissions
 
 
 def split_patients(subject_ids: np.ndarray, train: float, val: float, seed: int) -> dict[int, str]:
@@ -192,33 +216,79 @@ def _hours_between(a: str, b: str) -> pl.Expr:
     return (pl.col(a) - pl.col(b)).dt.total_seconds(fractional=True) / 3600.0
 
 
+def _asof_last(left: pl.DataFrame, right: pl.DataFrame, value: str, hold: float) -> pl.DataFrame:
+    """Per left row (stay_id, k, ws): the right row's `value` most recently available strictly before ws
+    (`t_avail` < ws), if it was measured (`t_last`) at most `hold` hours before ws; else null."""
+    right = (
+        right.sort("stay_id", "t_avail", "t_last", value)
+        .group_by("stay_id", "t_avail", maintain_order=True)
+        .last()
+        .sort("t_avail")
+    )
+    joined = left.join_asof(
+        right,
+        left_on="ws",
+        right_on="t_avail",
+        by="stay_id",
+        strategy="backward",
+        allow_exact_matches=False,
+        check_sortedness=False,  # sorted by ws / t_avail; polars cannot check with by-groups
+    )
+    held = pl.when(pl.col("ws") - pl.col("t_last") <= hold).then(pl.col(value)).otherwise(None)
+    return joined.select("stay_id", "k", held.cast(pl.Float32).alias(value))
+
+
 def measured_states(states: pl.DataFrame, measured: pl.DataFrame) -> pl.DataFrame:
-    """For every (stay_id, k, ws) add each measured variable's last value charted strictly before ws, if it
-    was charted within the variable's hold limit (sample-and-hold); else null."""
+    """For every (stay_id, k, ws) add each measured variable's last value available strictly before ws, if
+    measured within the variable's hold limit (sample-and-hold); else null."""
     left = states.select("stay_id", "k", "ws").sort("ws")
     out = states.sort("stay_id", "k")
-    by_feature = measured.select("feature", "stay_id", "t_last", "last").partition_by("feature", as_dict=True)
-    empty = measured.select("stay_id", "t_last", "last").clear()
+    known = measured.filter(pl.col("t_avail") < events.NEVER)
+    by_feature = known.select("feature", "stay_id", "t_avail", "t_last", "last").partition_by(
+        "feature", as_dict=True
+    )
+    empty = known.select("stay_id", "t_avail", "t_last", "last").clear()
     for m in feat.MEASURED:
         part = by_feature.get((feat.FEATURE_CODE[m.name],))
-        right = (empty if part is None else part.drop("feature")).sort("t_last")
-        joined = left.join_asof(
-            right,
-            left_on="ws",
-            right_on="t_last",
-            by="stay_id",
-            strategy="backward",
-            allow_exact_matches=False,
-            check_sortedness=False,  # sorted by ws / t_last above; polars cannot check with by-groups
-        )
-        held = pl.when(pl.col("ws") - pl.col("t_last") <= m.hold_hours).then(pl.col("last")).otherwise(None)
-        column = joined.select("stay_id", "k", held.cast(pl.Float32).alias(m.name))
+        right = empty if part is None else part.drop("feature")
+        column = _asof_last(left, right, "last", m.hold_hours).rename({"last": m.name})
         out = out.join(column, on=["stay_id", "k"], how="left")
     return out
 
 
+# FiO2 (%) estimated from the O2 device and flow (L/min) where no FiO2 was charted within its hold limit.
+# Nasal cannula (or a flow with no device): 21% + 4% per L/min up to 6 L (44%); simple face masks 40% up to
+# 5 L/min, 50% up to 7, 60% above (conversion table of the MEDUSA study, as used by ClarityNLP's o2 finder);
+# non-rebreather 80%, 90% from 10 L/min (textbook 80-95%); room air ("None") 21%. Ventilators, CPAP/BiPAP and
+# high-flow cannulas set FiO2 on the device, so they are not estimated.
+MASK_DEVICES = ("Face tent", "Aerosol-cool", "Venti mask", "Medium conc mask", "High flow neb", "Ultrasonic neb",
+                "Vapomist", "Oxymizer")  # fmt: skip
+O2_SUPPORT_HOLD_H = 12.0
+
+
+def estimate_fio2(device: pl.Expr, flow: pl.Expr) -> pl.Expr:
+    cannula = pl.min_horizontal(21.0 + 4.0 * flow.clip(0.0, None), 44.0)
+    mask = pl.when(flow <= 5).then(40.0).when(flow <= 7).then(50.0).otherwise(60.0)
+    return (
+        pl.when(device == "None")
+        .then(21.0)
+        .when(((device == "Nasal cannula") | device.is_null()) & flow.is_not_null())
+        .then(cannula)
+        .when(device.is_in(MASK_DEVICES) & flow.is_not_null())
+        .then(mask)
+        .when(device == "Non-rebreather")
+        .then(pl.when(flow >= 10).then(90.0).otherwise(80.0))
+        .otherwise(None)
+    )
+
+
 def build_states(
-    episodes: pl.DataFrame, measured: pl.DataFrame, grid: pl.DataFrame, step: int
+    episodes: pl.DataFrame,
+    measured: pl.DataFrame,
+    pf: pl.DataFrame,
+    support: pl.DataFrame,
+    grid: pl.DataFrame,
+    step: int,
 ) -> pl.DataFrame:
     """One row per (stay_id, k) for k = 0..n_steps (the last one is only a next state), raw units, plus the
     action window's doses `vaso_ne_eq` and `fluid_ml` for k < n_steps."""
@@ -226,25 +296,55 @@ def build_states(
         episodes.select(
             "stay_id",
             "start_h",
-            "onset_h",
             "age",
             "female",
+            "readmission",
+            "charlson",
             pl.int_ranges(0, pl.col("n_steps") + 1, dtype=pl.Int32).alias("k"),
         )
         .explode("k")
         .with_columns((pl.col("start_h") + pl.col("k") * step).cast(pl.Float64).alias("ws"))
     )
     states = measured_states(states, measured)
-    # SOFA, ventilation and balance of the hour just before the window (it ends at ws)
+    left = states.select("stay_id", "k", "ws").sort("ws")
+    pf_right = pf.filter(pl.col("avail") < events.NEVER).select(
+        "stay_id",
+        pl.col("avail").alias("t_avail"),
+        pl.col("t").alias("t_last"),
+        pl.col("pf").alias("pf_ratio"),
+    )
+    pf_hold = feat.MEASURED_BY_NAME["pao2"].hold_hours
+    states = states.join(_asof_last(left, pf_right, "pf_ratio", pf_hold), on=["stay_id", "k"], how="left")
+    for name in ("device", "flow"):
+        rows = support.filter(pl.col(name).is_not_null()).select(
+            "stay_id", pl.col("t").alias("t_avail"), pl.col("t").alias("t_last"), name
+        )
+        if name == "device":  # a text value: joined as-of without the float cast of _asof_last
+            rows = rows.sort("t_avail")
+            joined = left.join_asof(
+                rows, left_on="ws", right_on="t_avail", by="stay_id", strategy="backward",
+                allow_exact_matches=False, check_sortedness=False,
+            )  # fmt: skip
+            fresh = pl.col("ws") - pl.col("t_last") <= O2_SUPPORT_HOLD_H
+            column = joined.select("stay_id", "k", pl.when(fresh).then(pl.col(name)).alias(name))
+        else:
+            column = _asof_last(left, rows, name, O2_SUPPORT_HOLD_H)
+        states = states.join(column, on=["stay_id", "k"], how="left")
+    # SOFA, ventilation and totals of the last grid hour ending at or before ws (the hour [ws - 1, ws) when
+    # the grid reaches it; a next state past discharge keeps the last in-ICU hour)
     hour_before = grid.select(
         "stay_id",
-        (pl.col("hour") + 1).cast(pl.Float64).alias("ws"),
+        (pl.col("hour") + 1).cast(pl.Float64).alias("end"),
         "sofa",
         *COMPONENTS,
         pl.col("vent").cast(pl.Float32).alias("mech_vent"),
         "cum_balance",
+        "input_total",
+        "output_total",
+    ).sort("end")
+    states = states.sort("ws").join_asof(
+        hour_before, left_on="ws", right_on="end", by="stay_id", strategy="backward", check_sortedness=False
     )
-    states = states.join(hour_before, on=["stay_id", "ws"], how="left")
     # treatment per window: window j = floor((hour - start_h) / step); window -1 is the one before the first
     windows = (
         grid.join(episodes.select("stay_id", "start_h", "n_steps"), on="stay_id", how="inner")
@@ -252,8 +352,12 @@ def build_states(
         .filter((pl.col("k") >= -1) & (pl.col("k") < pl.col("n_steps")))
         .group_by("stay_id", "k")
         .agg(
-            pl.col("fluid_tev").sum().cast(pl.Float32).alias("fluid_ml"),
-            pl.col("urine").sum().cast(pl.Float32).alias("urine_ml"),
+            pl.col("fluid_tev").sort().sum().cast(pl.Float32).alias("fluid_ml"),
+            # missing urine stays missing: no charted output in the window gives null, not 0 mL
+            pl.when(pl.col("urine").is_not_null().any())
+            .then(pl.col("urine").drop_nulls().sort().sum())
+            .cast(pl.Float32)
+            .alias("urine_ml"),
             pl.col("ne_eq").max().cast(pl.Float32).alias("vaso_ne_eq"),
         )
     )
@@ -267,15 +371,22 @@ def build_states(
     states = (
         states.join(previous, on=["stay_id", "k"], how="left")
         .join(windows.select("stay_id", "k", "fluid_ml", "vaso_ne_eq"), on=["stay_id", "k"], how="left")
-        .with_columns(pl.col("fluid_prev_step", "urine_prev_step", "vaso_prev_step").fill_null(0.0))
+        .with_columns(pl.col("fluid_prev_step", "vaso_prev_step").fill_null(0.0))
     )
-    verbal = pl.col("gcs_verbal")
-    gcs = pl.when(verbal == 0).then(15.0).otherwise(pl.col("gcs_eye") + verbal + pl.col("gcs_motor"))
+    # SIRS criteria (Bone et al. 1992; band forms are not used): a criterion without its values is not met
+    sirs = (
+        ((pl.col("temp") > 38) | (pl.col("temp") < 36)).fill_null(False).cast(pl.Int8)
+        + (pl.col("hr") > 90).fill_null(False).cast(pl.Int8)
+        + ((pl.col("rr") > 20) | (pl.col("paco2") < 32)).fill_null(False).cast(pl.Int8)
+        + ((pl.col("wbc") > 12) | (pl.col("wbc") < 4)).fill_null(False).cast(pl.Int8)
+    )
     return states.with_columns(
-        gcs.cast(pl.Float32).alias("gcs"),
-        (pl.col("pao2") / (pl.col("fio2") / 100.0)).cast(pl.Float32).alias("pf_ratio"),
         (pl.col("hr") / pl.col("sbp")).cast(pl.Float32).alias("shock_index"),
-        (pl.col("ws") - pl.col("onset_h")).cast(pl.Float32).alias("hours_from_onset"),
+        sirs.cast(pl.Float32).alias("sirs"),
+        pl.coalesce(pl.col("fio2"), estimate_fio2(pl.col("device"), pl.col("flow")))
+        .cast(pl.Float32)
+        .alias("fio2_imputed"),
+        pl.col("ws").cast(pl.Float32).alias("hours_since_icu_admission"),
         pl.col("sofa", *COMPONENTS).cast(pl.Float32),
     ).sort("stay_id", "k")
 
@@ -334,12 +445,17 @@ def run(args: MimicArgs) -> dict:
     tables = open_tables(Path(args.mimic_dir))
     say("tables found: " + ", ".join(f"{k}={t.path.name}" for k, t in tables.items()))
 
-    stays = load_stays(tables)
+    stays, admissions = load_stays(tables)
     counts = {"icu_stays": stays.height}
     stays = stays.filter(pl.col("age") >= args.min_age)
     counts[f"age_at_least_{args.min_age}"] = stays.height
     if args.first_stay_only:
-        stays = stays.sort("intime").group_by("subject_id", maintain_order=True).first().sort("stay_id")
+        stays = (
+            stays.sort("intime", "stay_id")
+            .group_by("subject_id", maintain_order=True)
+            .first()
+            .sort("stay_id")
+        )
         counts["first_icu_stay"] = stays.height
     say(f"{stays.height} stays after age and first-stay filters")
 
@@ -359,25 +475,54 @@ def run(args: MimicArgs) -> dict:
     if candidates.height == 0:
         raise MimicInputError(f"{args.mimic_dir}: cohort is empty: no ICU stay has suspected infection")
 
-    chart = events.chart_hourly(tables["icu/chartevents"], candidates)
-    say(f"chartevents: {chart.height} stay-hour-variable aggregates")
-    labs = events.lab_hourly(tables["hosp/labevents"], candidates)
-    say(f"labevents: {labs.height} stay-hour-variable aggregates")
+    chart, gcs_raw, oxygen = events.chart_pass(tables["icu/chartevents"], candidates)
+    gcs = events.gcs_aggregates(gcs_raw)
+    say(
+        f"chartevents: {chart.height} stay-hour-variable aggregates, {gcs.height} GCS hours, {oxygen.height} O2 rows"
+    )
+    labs, gases = events.lab_pass(tables["hosp/labevents"], candidates)
+    say(f"labevents: {labs.height} stay-hour-variable aggregates, {gases.height} blood gas specimens")
     if chart.height + labs.height == 0:
         raise MimicInputError(
             f"{tables['icu/chartevents'].path}, {tables['hosp/labevents'].path}: no rows with the needed "
             "itemids for any stay with suspected infection; expected vitals and labs"
         )
-    measured = pl.concat([chart, labs])
-    del chart, labs
+    measured = pl.concat([chart, gcs, labs]).sort(events.KEYS)
+    del chart, gcs, labs, gcs_raw
     inputs = events.input_hourly(tables["icu/inputevents"], candidates)
-    urine = events.urine_hourly(tables["icu/outputevents"], candidates)
-    vent = events.vent_hourly(tables["icu/procedureevents"], candidates)
-    say(f"inputevents/outputevents/procedureevents: {inputs.height}/{urine.height}/{vent.height} stay-hours")
-    grid = hourly_grid(candidates, measured, inputs, urine, vent)
-    onset = coh.sepsis_onset(si, grid, candidates)
+    # mimic-code's ICU hours start at the first heart rate (`icustay_times`), rounded up to the hour
+    first_hr = (
+        measured.filter(pl.col("feature") == feat.FEATURE_CODE["hr"])
+        .group_by("stay_id")
+        .agg(pl.col("t_first").min().alias("first_hr_t"))
+    )
+    candidates = (
+        candidates.join(first_hr, on="stay_id", how="left")
+        .with_columns(pl.col("first_hr_t").ceil().fill_null(1.0).alias("first_hour_end"))
+        .sort("stay_id")
+    )
+    urine = events.urine_24h(events.urine_events(tables["icu/outputevents"], candidates), first_hr)
+    procedures = events.procedure_vent_intervals(tables["icu/procedureevents"], candidates)
+    charted_vent = events.charted_vent_intervals(oxygen)
+    vent = events.vent_hourly(pl.concat([procedures, charted_vent]).sort("stay_id", "start_h", "end_h"))
+    status = events.ventilation_status(oxygen)
+    # the cohort's P/F ventilation flag: mimic-code `ventilation` episodes (charted settings) only
+    pf = events.gas_pf(gases, events.chart_fio2(oxygen), charted_vent, status, procedures)
+    support = events.oxygen_support(oxygen)
+    say(f"inputevents/outputevents/ventilation: {inputs.height}/{urine.height}/{vent.height} stay-hours")
+    # the cohort's SOFA: mimic-code's hours (h, h+1] by charttime
+    cohort_grid = hourly_grid(
+        candidates,
+        events.bin_measured(measured, "chart"),
+        events.bin_pf(pf, "chart"),
+        inputs,
+        events.bin_urine(urine, "chart"),
+        vent,
+    )
+    onset = coh.sepsis_onset(si, cohort_grid, candidates)
     counts["sepsis3"] = onset.height
-    say(f"{onset.height} stays meet Sepsis-3; hourly grid {grid.height} rows")
+    say(f"{onset.height} stays meet Sepsis-3; hourly grid {cohort_grid.height} rows")
+    del cohort_grid
 
     episodes = (
         candidates.join(onset, on="stay_id", how="inner")
@@ -399,6 +544,13 @@ def run(args: MimicArgs) -> dict:
         raise MimicInputError(
             f"{args.mimic_dir}: cohort is empty after the Sepsis-3 step ({counts}); nothing to write"
         )
+    dx = tables["hosp/diagnoses_icd"]
+    diagnoses = collect(
+        dx, dx.scan().filter(pl.col("subject_id").is_in(episodes.get_column("subject_id").implode()))
+    )
+    episodes = episodes.join(
+        comorbidity.charlson_before_stay(diagnoses, admissions, episodes), on="stay_id", how="left"
+    ).sort("stay_id")
     splits = split_patients(
         episodes.get_column("subject_id").to_numpy(), args.train_fraction, args.val_fraction, args.split_seed
     )
@@ -406,9 +558,19 @@ def run(args: MimicArgs) -> dict:
         pl.col("subject_id").replace_strict(splits, return_dtype=pl.String).alias("split")
     )
 
-    grid = grid.filter(pl.col("stay_id").is_in(episodes.get_column("stay_id").implode()))
-    measured = measured.filter(pl.col("stay_id").is_in(episodes.get_column("stay_id").implode()))
-    states = build_states(episodes, measured, grid, step)
+    in_cohort = episodes.get_column("stay_id").implode()
+    measured = measured.filter(pl.col("stay_id").is_in(in_cohort))
+    pf = pf.filter(pl.col("stay_id").is_in(in_cohort))
+    # the state's SOFA and totals: hours [h, h+1) of the time each result was known
+    grid = hourly_grid(
+        candidates.filter(pl.col("stay_id").is_in(in_cohort)),
+        events.bin_measured(measured, "avail"),
+        events.bin_pf(pf, "avail"),
+        inputs.filter(pl.col("stay_id").is_in(in_cohort)),
+        events.bin_urine(urine.filter(pl.col("stay_id").is_in(in_cohort)), "avail"),
+        events.vent_known_hourly(oxygen, procedures, candidates.filter(pl.col("stay_id").is_in(in_cohort))),
+    )
+    states = build_states(episodes, measured, pf, support, grid, step)
     # sorted again after the join: obs_rows and next_rows below pair up row by row
     states = states.join(episodes.select("stay_id", "n_steps", "split", "died_90d"), on="stay_id").sort(
         "stay_id", "k"
@@ -486,6 +648,7 @@ def run(args: MimicArgs) -> dict:
         "cohort_counts": counts,
         "cohort_steps": list(counts),  # the order of the exclusion steps (JSON objects keep no order)
         "alignment": ALIGNMENT,
+        "rules": RULES,
         "hold_hours": {m.name: m.hold_hours for m in feat.MEASURED},
         "extras": {
             "vaso_ne_eq": "max NE-equivalent rate in the action window, ug/kg/min",

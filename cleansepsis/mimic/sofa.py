@@ -1,9 +1,9 @@
 """Hourly SOFA as mimic-code `score/sofa.sql` computes it: the worst value of each measure in the hour, a
 component score per hour, then the maximum over the last 24 hours; a missing component counts 0.
 
-Component thresholds: /work/shared/docs/mimic-iv-reference.md §3. Simplifications, documented in docs/mimic.md:
-FiO2 is the last charted value within 12 h; ventilation is procedureevents 225792; urine output counts only
-from the 24th ICU hour on (mimic-code needs >= 22 h of observation).
+Component thresholds: /work/shared/docs/mimic-iv-reference.md §3. The grid is built twice (see events.py):
+with mimic-code's (h, h+1] charttime hours for the Sepsis-3 cohort, and with [h, h+1) hours of result
+availability for the state's SOFA. Deviations from mimic-code are listed in docs/mimic.md.
 """
 
 from __future__ import annotations
@@ -24,8 +24,23 @@ def _steps(value: pl.Expr, cuts: list[tuple[pl.Expr, int]]) -> pl.Expr:
     return expr.otherwise(0).cast(pl.Int8)
 
 
-def respiration(pf: pl.Expr, vent: pl.Expr) -> pl.Expr:
-    return _steps(pf, [((pf < 100) & vent, 4), ((pf < 200) & vent, 3), (pf < 300, 2), (pf < 400, 1)])
+def respiration(pf_vent: pl.Expr, pf_novent: pl.Expr) -> pl.Expr:
+    """mimic-code: the worst ventilated and non-ventilated P/F of the hour; 3-4 need ventilation."""
+    v, n = pf_vent, pf_novent
+    return (
+        pl.when(v < 100)
+        .then(4)
+        .when(v < 200)
+        .then(3)
+        .when((n < 300) | (v < 300))
+        .then(2)
+        .when((n < 400) | (v < 400))
+        .then(1)
+        .when(v.is_null() & n.is_null())
+        .then(None)
+        .otherwise(0)
+        .cast(pl.Int8)
+    )
 
 
 def coagulation(platelets: pl.Expr) -> pl.Expr:
@@ -39,13 +54,14 @@ def liver(bilirubin: pl.Expr) -> pl.Expr:
 
 
 def cardiovascular(map_min: pl.Expr, dopamine, dobutamine, epinephrine, norepinephrine) -> pl.Expr:
-    dopa, dobu, epi, ne = (x.fill_null(0.0) for x in (dopamine, dobutamine, epinephrine, norepinephrine))
-    any_drug = (dopa > 0) | (dobu > 0) | (epi > 0) | (ne > 0)
-    known = map_min.is_not_null() | any_drug
+    """mimic-code `sofa`: a rate is null when no infusion of the agent runs at the hour's end; an epinephrine or
+    norepinephrine infusion running at any rate <= 0.1 ug/kg/min scores 3 (SQL `rate <= 0.1`)."""
+    dopa, dobu, epi, ne = dopamine, dobutamine, epinephrine, norepinephrine
+    known = pl.any_horizontal(x.is_not_null() for x in (map_min, dopa, dobu, epi, ne))
     score = (
         pl.when((dopa > 15) | (epi > 0.1) | (ne > 0.1))
         .then(4)
-        .when((dopa > 5) | (epi > 0) | (ne > 0))
+        .when((dopa > 5) | (epi <= 0.1) | (ne <= 0.1))
         .then(3)
         .when((dopa > 0) | (dobu > 0))
         .then(2)
@@ -79,21 +95,17 @@ def renal(creatinine: pl.Expr, urine_24h: pl.Expr) -> pl.Expr:
     return pl.when(known).then(score).otherwise(None).cast(pl.Int8)
 
 
-def gcs_total(eye: pl.Expr, verbal: pl.Expr, motor: pl.Expr) -> pl.Expr:
-    """Sum of the three components; an intubated verbal score (coded 0) gives 15, as mimic-code does."""
-    total = eye + verbal + motor
-    return pl.when(verbal == 0).then(pl.lit(15.0)).otherwise(total).cast(pl.Float32)
-
-
 def hourly_grid(
     stays: pl.DataFrame,
     measured: pl.DataFrame,
+    pf: pl.DataFrame,
     inputs: pl.DataFrame,
     urine: pl.DataFrame,
     vent: pl.DataFrame,
 ) -> pl.DataFrame:
     """Dense (stay_id, hour) grid from 24 h before ICU admission to discharge, with the hourly worst values,
-    treatments, cumulative fluid balance, the six SOFA components (24 h max) and `sofa`."""
+    treatments, cumulative fluids, the six SOFA components (24 h max) and `sofa`. `measured`, `pf` and
+    `urine` are already binned into hours (events.bin_*), which fixes the hour convention."""
     grid = (
         stays.select(
             "stay_id",
@@ -106,70 +118,56 @@ def hourly_grid(
     )
     code = feat.FEATURE_CODE
     worst = {
-        "pao2": ("min", "pao2_min"),
-        "fio2": ("max", "fio2_max"),
         "platelets": ("min", "platelets_min"),
         "bilirubin": ("max", "bilirubin_max"),
         "map": ("min", "map_min"),
         "creatinine": ("max", "creatinine_max"),
-        "gcs_eye": ("last", "gcs_eye"),
-        "gcs_verbal": ("last", "gcs_verbal"),
-        "gcs_motor": ("last", "gcs_motor"),
-    }
-    # chart and lab rows of the same variable (glucose, FiO2) may share an hour: combine them
-    combine = {
-        "min": pl.col("min").min(),
-        "max": pl.col("max").max(),
-        "last": pl.col("last").sort_by("t_last").last(),
+        "gcs": ("min", "gcs_min"),
     }
     for name, (stat, column) in worst.items():
-        part = (
-            measured.filter(pl.col("feature") == code[name])
-            .group_by("stay_id", "hour")
-            .agg(combine[stat].alias(column))
+        part = measured.filter(pl.col("feature") == code[name]).select(
+            "stay_id", "hour", pl.col(stat).alias(column)
         )
         grid = grid.join(part, on=["stay_id", "hour"], how="left")
     grid = (
-        grid.join(inputs, on=["stay_id", "hour"], how="left")
+        grid.join(pf, on=["stay_id", "hour"], how="left")
+        .join(inputs, on=["stay_id", "hour"], how="left")
         .join(urine, on=["stay_id", "hour"], how="left")
         .join(vent, on=["stay_id", "hour"], how="left")
         .sort("stay_id", "hour")
     )
     by_stay = "stay_id"
     grid = grid.with_columns(
-        pl.col("fio2_max").forward_fill(limit=12).over(by_stay).alias("fio2_held"),
-        *(
-            pl.col(c).forward_fill(limit=6).over(by_stay).alias(c + "_held")
-            for c in ("gcs_eye", "gcs_verbal", "gcs_motor")
-        ),
-        pl.col("urine")
-        .fill_null(0.0)
-        .rolling_sum(window_size=24, min_samples=1)
-        .over(by_stay)
-        .alias("urine_24h"),
         pl.col("vent").fill_null(0).cast(pl.Boolean).alias("vent"),
         ((pl.col("fluid_raw").fill_null(0.0) - pl.col("urine").fill_null(0.0)) * (pl.col("hour") >= 0))
         .cum_sum()
         .over(by_stay)
         .cast(pl.Float32)
         .alias("cum_balance"),
+        (pl.col("fluid_tev").fill_null(0.0) * (pl.col("hour") >= 0))
+        .cum_sum()
+        .over(by_stay)
+        .cast(pl.Float32)
+        .alias("input_total"),
+        (pl.col("urine").fill_null(0.0) * (pl.col("hour") >= 0))
+        .cum_sum()
+        .over(by_stay)
+        .cast(pl.Float32)
+        .alias("output_total"),
     )
-    pf = pl.col("pao2_min") / (pl.col("fio2_held") / 100.0)
-    gcs = gcs_total(pl.col("gcs_eye_held"), pl.col("gcs_verbal_held"), pl.col("gcs_motor_held"))
-    urine_24h = pl.when(pl.col("hour") >= 23).then(pl.col("urine_24h")).otherwise(None)
     grid = grid.with_columns(
-        respiration(pf, pl.col("vent")).alias("sofa_resp"),
+        respiration(pl.col("pf_vent"), pl.col("pf_novent")).alias("sofa_resp"),
         coagulation(pl.col("platelets_min")).alias("sofa_coag"),
         liver(pl.col("bilirubin_max")).alias("sofa_liver"),
         cardiovascular(
             pl.col("map_min"),
-            pl.col("dopamine"),
-            pl.col("dobutamine"),
-            pl.col("epinephrine"),
-            pl.col("norepinephrine"),
+            pl.col("dopamine_at_end"),
+            pl.col("dobutamine_at_end"),
+            pl.col("epinephrine_at_end"),
+            pl.col("norepinephrine_at_end"),
         ).alias("sofa_cv"),
-        central_nervous(gcs).alias("sofa_cns"),
-        renal(pl.col("creatinine_max"), urine_24h).alias("sofa_renal"),
+        central_nervous(pl.col("gcs_min")).alias("sofa_cns"),
+        renal(pl.col("creatinine_max"), pl.col("uo_24h")).alias("sofa_renal"),
     )
     grid = grid.with_columns(
         pl.col(c).rolling_max(window_size=24, min_samples=1).over(by_stay).fill_null(0).cast(pl.Int8).alias(c)
@@ -184,9 +182,11 @@ def hourly_grid(
         "ne_eq",
         "vent",
         "cum_balance",
+        "input_total",
+        "output_total",
         "sofa",
         *COMPONENTS,
     ]
     return grid.select(keep).with_columns(
-        pl.col("fluid_tev", "fluid_raw", "urine").fill_null(0.0), pl.col("ne_eq").fill_null(0.0)
+        pl.col("fluid_tev", "fluid_raw").fill_null(0.0), pl.col("ne_eq").fill_null(0.0)
     )

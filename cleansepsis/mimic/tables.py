@@ -26,9 +26,26 @@ INT, FLOAT, STR, TIME, DATE = pl.Int64, pl.Float64, pl.String, pl.Datetime("us")
 SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "icu/icustays": {"subject_id": INT, "hadm_id": INT, "stay_id": INT, "intime": TIME, "outtime": TIME},
     "hosp/patients": {"subject_id": INT, "gender": STR, "anchor_age": INT, "anchor_year": INT, "dod": DATE},
-    "hosp/admissions": {"subject_id": INT, "hadm_id": INT, "admittime": TIME, "deathtime": TIME},
+    "hosp/admissions": {
+        "subject_id": INT,
+        "hadm_id": INT,
+        "admittime": TIME,
+        "dischtime": TIME,
+        "deathtime": TIME,
+    },
     "icu/chartevents": {"stay_id": INT, "charttime": TIME, "itemid": INT, "value": STR, "valuenum": FLOAT},
-    "hosp/labevents": {"subject_id": INT, "itemid": INT, "charttime": TIME, "valuenum": FLOAT},
+    # hadm_id (null for outpatient labs): labs attach to the admission, as mimic-code; storetime: when the
+    # result became available (the state sees a lab only from then); specimen_id + value: blood gas specimen type
+    "hosp/labevents": {
+        "subject_id": INT,
+        "hadm_id": INT,
+        "specimen_id": INT,
+        "itemid": INT,
+        "charttime": TIME,
+        "storetime": TIME,
+        "value": STR,
+        "valuenum": FLOAT,
+    },
     "icu/inputevents": {
         "stay_id": INT,
         "starttime": TIME,
@@ -58,6 +75,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "chartdate": TIME,
         "charttime": TIME,
     },
+    "hosp/diagnoses_icd": {"subject_id": INT, "hadm_id": INT, "icd_code": STR, "icd_version": INT},
 }
 SUFFIXES = (".parquet", ".csv", ".csv.gz")
 
@@ -202,4 +220,14 @@ def collect(table: Table, lf: pl.LazyFrame, streaming: bool = True) -> pl.DataFr
     except MimicInputError:
         raise
     except Exception as err:  # polars raises ComputeError, InvalidOperationError, OSError, ... for bad files
+        raise explain_polars_error(table, err) from None
+
+
+def collect_many(table: Table, frames: list[pl.LazyFrame]) -> list[pl.DataFrame]:
+    """Collect several queries over one table together (polars shares the common scan)."""
+    try:
+        return pl.collect_all(frames, engine="streaming")
+    except MimicInputError:
+        raise
+    except Exception as err:
         raise explain_polars_error(table, err) from None
