@@ -72,15 +72,21 @@ def _children(pid: int) -> list[int]:
     return tree
 
 
-def tree_rss_mb(pid: int) -> float:
-    total = 0
+def tree_rss_mb(pid: int) -> tuple[float, float]:
+    """Resident memory of the process tree, MB: (all, anonymous). The difference is file-backed pages (a
+    memory-mapped input file), which the kernel can drop under pressure; anonymous memory it cannot."""
+    total = anon = 0
     for member in _children(pid):
         try:
-            with open(f"/proc/{member}/statm") as handle:
-                total += int(handle.read().split()[1]) * PAGE_KB
+            with open(f"/proc/{member}/status") as handle:
+                for line in handle:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                    elif line.startswith("RssAnon:"):
+                        anon += int(line.split()[1])
         except OSError:
             continue
-    return total / 1024.0
+    return total / 1024.0, anon / 1024.0
 
 
 @dataclass
@@ -88,10 +94,11 @@ class Run:
     seconds: float
     cpu: float
     peak_mb: float  # of the whole process tree, sampled
+    peak_anon_mb: float  # its anonymous part (not file-backed)
     maxrss_mb: float  # the kernel's maximum resident set of the largest process
     load_before: float
     load_after: float
-    stages: list[tuple[str, float, float]]  # (stage, seconds, peak MB)
+    stages: list[tuple[str, float, float, float]]  # (stage, seconds, peak MB, peak anonymous MB)
 
 
 def measure(argv: list[str]) -> Run:
@@ -100,13 +107,13 @@ def measure(argv: list[str]) -> Run:
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *argv], stderr=subprocess.PIPE, text=True)
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float, float]] = []
     marks: list[tuple[float, str]] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            samples.append((time.perf_counter() - start, tree_rss_mb(proc.pid)))
+            samples.append((time.perf_counter() - start, *tree_rss_mb(proc.pid)))
             done.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -127,13 +134,21 @@ def measure(argv: list[str]) -> Run:
     # a stage is the time up to the progress line that ends it
     stages, begin = [], 0.0
     for end, name in [*marks, (seconds, "(end: report and exit)")]:
-        inside = [rss for at, rss in samples if begin <= at <= end]
-        stages.append((name, end - begin, max(inside, default=0.0)))
+        inside = [(rss, anon) for at, rss, anon in samples if begin <= at <= end]
+        stages.append(
+            (
+                name,
+                end - begin,
+                max((r for r, _ in inside), default=0.0),
+                max((a for _, a in inside), default=0.0),
+            )
+        )
         begin = end
     return Run(
         seconds,
         usage.ru_utime + usage.ru_stime,
-        max((rss for _, rss in samples), default=0.0),
+        max((rss for _, rss, _ in samples), default=0.0),
+        max((anon for _, _, anon in samples), default=0.0),
         usage.ru_maxrss / 1024.0,
         load_before,
         os.getloadavg()[0],
@@ -191,34 +206,40 @@ def main() -> None:
             else sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
         )
         run.peak_mb = max(r.peak_mb for r in runs)
+        run.peak_anon_mb = max(r.peak_anon_mb for r in runs)
         rows.append((stays, run, floor_s))
         chart_gb_per_stay.append((data / f"icu/chartevents.{suffix}").stat().st_size / 1e9 / stays)
         print(
             f"{stays:>7} stays: {run.seconds:7.1f} s wall, {run.cpu:7.1f} s CPU, peak {run.peak_mb:7.0f} MB "
+            f"({run.peak_anon_mb:.0f} MB anonymous) "
             f"(largest process {run.maxrss_mb:.0f} MB), load {run.load_before:.1f} -> {run.load_after:.1f}",
             file=sys.stderr,
             flush=True,
         )
     print(f"\n{os.cpu_count()} cores; load average (1 min) before -> after each run in the table\n")
-    print("| stays | wall s | CPU s | peak RSS MB | MB per 1,000 stays | load | read floor s |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| stays | wall s | CPU s | peak RSS MB | of it anonymous MB | MB per 1,000 stays | load | read floor s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for stays, run, floor_s in rows:
         print(
-            f"| {stays:,} | {run.seconds:.0f} | {run.cpu:.0f} | {run.peak_mb:.0f} | {run.peak_mb / stays * 1000:.0f} | "
+            f"| {stays:,} | {run.seconds:.0f} | {run.cpu:.0f} | {run.peak_mb:.0f} | {run.peak_anon_mb:.0f} | "
+            f"{run.peak_mb / stays * 1000:.0f} | "
             f"{run.load_before:.1f} -> {run.load_after:.1f} | {floor_s:.0f} |"
         )
     stays, run, _ = rows[-1]
     print(f"\nstages of the {stays:,}-stay run (each ends with the progress line named):\n")
-    print("| stage | seconds | peak RSS MB |")
-    print("|---|---|---|")
-    for name, seconds, peak in run.stages:
-        print(f"| {name} | {seconds:.1f} | {peak:.0f} |")
+    print("| stage | seconds | peak RSS MB | peak anonymous MB |")
+    print("|---|---|---|---|")
+    for name, seconds, peak, anon in run.stages:
+        print(f"| {name} | {seconds:.1f} | {peak:.0f} | {anon:.0f} |")
     if len(rows) >= 2:
         x = np.array([r[0] for r in rows], float)
         wall = np.array([r[1].seconds for r in rows])
         cpu = np.array([r[1].cpu for r in rows])
         peak = np.array([r[1].peak_mb for r in rows])
-        t_fit, c_fit, m_fit = (np.polyfit(x, y, 1) for y in (wall, cpu, peak))
+        anon = np.array([r[1].peak_anon_mb for r in rows])
+        t_fit, c_fit, m_fit, a_fit = (np.polyfit(x, y, 1) for y in (wall, cpu, peak, anon))
         marginal = np.diff(peak) / np.diff(x) * 1000
         print(
             f"\nlinear fit: {t_fit[0] * 1000:.1f} s wall ({c_fit[0] * 1000:.1f} s CPU) per 1,000 stays; "
@@ -233,14 +254,14 @@ def main() -> None:
                 else ""
             )
         )
-        t_full, c_full, m_full = (np.polyval(f, FULL_STAYS) for f in (t_fit, c_fit, m_fit))
+        t_full, c_full, m_full, a_full = (np.polyval(f, FULL_STAYS) for f in (t_fit, c_fit, m_fit, a_fit))
         # memory from the largest run, scaled by the largest marginal rate (not the fit): the pessimistic one
         m_pess = peak[-1] + max(marginal.max(), 0) * (FULL_STAYS - x[-1]) / 1000
         print(
             f"projected full MIMIC-IV v3.1 ({FULL_STAYS:,} stays, {FULL_STAYS / x[-1]:.1f}x the largest run): "
             f"{t_full / 60:.1f} min wall as loaded (goal <= {GOAL_MINUTES:.0f}), {c_full / 60:.1f} CPU-min; "
-            f"peak {m_full / 1024:.2f} GB by the fit, {m_pess / 1024:.2f} GB at the steepest measured rate "
-            f"(goal <= {GOAL_GB:.0f} GB)"
+            f"peak {m_full / 1024:.2f} GB by the fit ({a_full / 1024:.2f} GB anonymous), {m_pess / 1024:.2f} GB "
+            f"at the steepest measured rate (goal <= {GOAL_GB:.0f} GB)"
         )
         print(
             f"synthetic chartevents file: {np.mean(chart_gb_per_stay) * FULL_STAYS:.1f} GB at full scale; the "
