@@ -91,6 +91,18 @@ def datasets_path(folder: Path) -> Iterator[None]:
             os.environ["MINARI_DATASETS_PATH"] = old
 
 
+@contextlib.contextmanager
+def size_computed_once(storage_class) -> Iterator[None]:
+    """minari 0.5 recomputes the dataset size by walking every file after each episode it writes, which is
+    quadratic in the number of episodes (2,000 episodes took minutes); the size is computed once at the end."""
+    original = storage_class.get_size
+    storage_class.get_size = lambda self: 0.0
+    try:
+        yield
+    finally:
+        storage_class.get_size = original
+
+
 def _info_columns(frame: pl.DataFrame) -> list[str]:
     """Numeric (or numeric array) columns besides the required ones: optional and extra columns."""
     names = []
@@ -161,6 +173,7 @@ def export_minari(args: ExportMinariArgs) -> Path:
     minari = _minari()
     from minari.data_collector import EpisodeBuffer
     from minari.dataset.minari_dataset import parse_dataset_id
+    from minari.dataset.minari_storage import MinariStorage
 
     path = Path(args.replay)
     dataset_id = args.dataset_id or default_dataset_id(path)
@@ -190,20 +203,22 @@ def export_minari(args: ExportMinariArgs) -> Path:
         tempfile.TemporaryDirectory(dir=out) as scratch,
     ):
         # Minari writes into MINARI_DATASETS_PATH/<id>; build it in a scratch root, then move it into place
-        with datasets_path(Path(scratch)), warnings.catch_warnings():
-            # Minari warns about metadata a replay has no value for (code permalink, e-mail, env spec)
-            warnings.simplefilter("ignore", UserWarning)
-            minari.create_dataset_from_buffers(
-                dataset_id=dataset_id,
-                buffer=[EpisodeBuffer(**b) for b in buffers],
-                action_space=gym.spaces.Discrete(int(meta["n_actions"])),
-                observation_space=gym.spaces.Box(-np.inf, np.inf, (int(meta["obs_dim"]),), np.float32),
-                algorithm_name=f"cleansepsis replay ({meta.get('source')})",
-                author="cleansepsis",
-                description=f"cleansepsis replay {path.name} exported to Minari; the replay's metadata is under "
-                "the 'cleansepsis' key.",
-                data_format="arrow",
-            )
+        with datasets_path(Path(scratch)):
+            with warnings.catch_warnings(), size_computed_once(MinariStorage):
+                # Minari warns about metadata a replay has no value for (code permalink, e-mail, env spec)
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = minari.create_dataset_from_buffers(
+                    dataset_id=dataset_id,
+                    buffer=[EpisodeBuffer(**b) for b in buffers],
+                    action_space=gym.spaces.Discrete(int(meta["n_actions"])),
+                    observation_space=gym.spaces.Box(-np.inf, np.inf, (int(meta["obs_dim"]),), np.float32),
+                    algorithm_name=f"cleansepsis replay ({meta.get('source')})",
+                    author="cleansepsis",
+                    description=f"cleansepsis replay {path.name} exported to Minari; the replay's metadata is "
+                    "under the 'cleansepsis' key.",
+                    data_format="arrow",
+                )
+            dataset.storage.update_metadata({"dataset_size": dataset.storage.get_size()})
             built = Path(scratch) / dataset_id
             with open(built / "data" / "metadata.json") as handle:
                 dataset_meta = json.load(handle)
