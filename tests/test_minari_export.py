@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 
@@ -15,6 +16,7 @@ from cleansepsis.minari_export import ExportMinariArgs, MinariExportError, datas
 from cleansepsis.replay import write_replay
 
 minari = pytest.importorskip("minari")
+from minari.dataset.minari_storage import MinariStorage  # noqa: E402
 
 OBS_DIM, N_ACTIONS = 4, 25
 
@@ -82,9 +84,9 @@ def test_every_transition_round_trips_through_minari(tmp_path, offline, monkeypa
     code = data_prep.main(["export-minari", str(tmp_path / "tiny.parquet"), "--out", str(tmp_path / "m")])
     assert code == 0
     assert (tmp_path / "m" / "cleansepsis" / "tiny-v0" / "data" / "metadata.json").is_file()
-    assert (
-        "MINARI_DATASETS_PATH" not in __import__("os").environ
-    )  # the export leaves the environment as it was
+    # the export leaves the environment and minari as they were
+    assert "MINARI_DATASETS_PATH" not in os.environ
+    assert MinariStorage.get_size.__name__ == "get_size"
     with datasets_path(tmp_path / "m"):
         dataset = minari.load_dataset("cleansepsis/tiny-v0")
         episode_meta = list(dataset.storage.get_episode_metadata(range(dataset.total_episodes)))
