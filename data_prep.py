@@ -20,6 +20,7 @@ from cleansepsis.mimic.pipeline import MimicArgs
 from cleansepsis.mimic.pipeline import run as build_mimic
 from cleansepsis.mimic.synth import SynthArgs
 from cleansepsis.mimic.synth import generate as build_synth
+from cleansepsis.minari_export import ExportMinariArgs, export_minari
 from cleansepsis.replay import ReplayError
 
 # name -> (Args dataclass, builder taking an Args instance)
@@ -27,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "icu-sepsis": (IcuSepsisArgs, build_icu_sepsis),
     "mimic": (MimicArgs, build_mimic),
     "synth": (SynthArgs, build_synth),
+    "export-minari": (ExportMinariArgs, export_minari),
 }
 
 
