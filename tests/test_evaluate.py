@@ -102,8 +102,8 @@ def test_replay_without_behaviour_probabilities_needs_a_behaviour_model(icu_repl
     assert main([str(run), "--n-boot", "10", "--fqe", "tabular"]) == 2
     assert "behavior_prob" in capsys.readouterr().err
     behaviour = make_run(tmp_path / "bc", path, meta, outputs=("logits",)) / "checkpoints/s0_seed0"
-    args = [str(run), "--n-boot", "10", "--behavior", str(behaviour), "--json", "--fqe-iterations", "3", "--fqe-refits", "4",
-            "--fqe-steps", "20"]  # fmt: skip
+    args = [str(run), "--n-boot", "10", "--behavior", str(behaviour), "--json", "--fqe-iterations", "3",
+            "--fqe-steps", "20", "--fqe-refits", "4"]  # fmt: skip
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["behavior"]["calibration"]["ece"] >= 0
@@ -111,6 +111,7 @@ def test_replay_without_behaviour_probabilities_needs_a_behaviour_model(icu_repl
     policy = report["policies"][0]
     assert policy["exact"] is None
     assert policy["ope"]["estimators"]["fqe"]["features"].startswith("MLP")
+    assert policy["ope"]["estimators"]["fqe"]["n_refits"] == 4  # the neural interval refits on resamples
     hazards = policy["safety"]["hazards"]
     assert set(hazards["policy"]) == {"A", "B", "C", "D"} and hazards["clinicians"]["A"]["n_states"] > 0
     assert "Festor" in (run / "evaluation.md").read_text()
