@@ -41,6 +41,10 @@ class Args:
     """Policy checkpoint folders (trained on ICU-Sepsis) to add as targets."""
     seed: int = 1000
     """First dataset seed (kept away from the seeds learners train on)."""
+    report_every: int = 0
+    """Also print the table so far (to stderr) every this many datasets (0: only at the end)."""
+    targets: tuple[str, ...] = ()
+    """Only these target policies (names as in the table, e.g. "greedy clinician"); default: all."""
 
 
 def target_policies(params: env.EnvParams, checkpoints: tuple[Path, ...]) -> dict[str, np.ndarray]:
@@ -66,6 +70,11 @@ def main() -> None:
     params = env.load_params()
     mask = np.asarray(params.admissible_mask)
     targets = target_policies(params, args.checkpoints)
+    if args.targets:
+        unknown = sorted(set(args.targets) - set(targets))
+        if unknown:
+            sys.exit(f"error: unknown target policies {unknown}; choose from {sorted(targets)}")
+        targets = {name: targets[name] for name in args.targets}
     exact = {}
     for name, table in targets.items():
         soft = ope.soften(table, args.epsilon, mask)
@@ -73,6 +82,7 @@ def main() -> None:
     estimators = ope.ESTIMATORS
     errors = {(p, e): [] for p in targets for e in estimators}
     covered = {(p, e): [] for p in targets for e in estimators}
+    covered_basic = {(p, e): [] for p in targets for e in estimators}
     ess = {p: [] for p in targets}
     start = time.perf_counter()
     for d in range(args.datasets):
@@ -91,20 +101,33 @@ def main() -> None:
                 est = result["estimators"][e]
                 errors[name, e].append(est["estimate"] - exact[name])
                 covered[name, e].append(est["ci_low"] <= exact[name] <= est["ci_high"])
+                if "ci_basic" in est:
+                    covered_basic[name, e].append(est["ci_basic"][0] <= exact[name] <= est["ci_basic"][1])
         print(f"dataset {d + 1}/{args.datasets} (seed {args.seed + d}): {time.perf_counter() - t0:.1f} s",
               file=sys.stderr, flush=True)  # fmt: skip
-    print(f"\n{args.datasets} datasets x {args.episodes} clinician episodes; epsilon {args.epsilon}; "
-          f"{args.n_boot} bootstrap resamples; {time.perf_counter() - start:.0f} s in all\n")  # fmt: skip
-    print("| target policy | exact (softened) | mean ESS | estimator | mean error | RMSE | max abs error | coverage |")
-    print("|---|---|---|---|---|---|---|---|")
+        if args.report_every and (d + 1) % args.report_every == 0 and d + 1 < args.datasets:
+            print(coverage_table(args, d + 1, time.perf_counter() - start, targets, exact, ess, errors, covered,
+                                 covered_basic), file=sys.stderr, flush=True)  # fmt: skip
+    print(coverage_table(args, args.datasets, time.perf_counter() - start, targets, exact, ess, errors, covered,
+                         covered_basic))  # fmt: skip
+
+
+def coverage_table(args: Args, done: int, seconds: float, targets, exact, ess, errors, covered, covered_basic) -> str:
+    lines = [f"\n{done} datasets x {args.episodes} clinician episodes; epsilon {args.epsilon}; "
+             f"{args.n_boot} bootstrap resamples; {seconds:.0f} s in all\n",
+             "| target policy | exact (softened) | mean ESS | estimator | mean error | RMSE | max abs error | coverage "
+             "| coverage (basic bootstrap) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name in targets:
-        for e in estimators:
+        for e in ope.ESTIMATORS:
             err = np.asarray(errors[name, e], np.float64)
             finite = err[np.isfinite(err)]
             rmse = float(np.sqrt(np.mean(finite**2))) if finite.size else float("nan")
             cover = float(np.mean(covered[name, e]))
-            print(f"| {name} | {exact[name]:.4f} | {np.mean(ess[name]):.0f} | {e.upper()} | "
-                  f"{np.mean(finite):+.4f} | {rmse:.4f} | {np.max(np.abs(finite)):.4f} | {100 * cover:.0f}% |")  # fmt: skip
+            basic = f"{100 * np.mean(covered_basic[name, e]):.0f}%" if covered_basic[name, e] else "n/a"
+            lines.append(f"| {name} | {exact[name]:.4f} | {np.mean(ess[name]):.0f} | {e.upper()} | "
+                         f"{np.mean(finite):+.4f} | {rmse:.4f} | {np.max(np.abs(finite)):.4f} | {100 * cover:.0f}% "
+                         f"| {basic} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

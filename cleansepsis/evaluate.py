@@ -28,9 +28,12 @@ from cleansepsis.checkpoint import CheckpointError
 from cleansepsis.io import OutputExistsError, atomic_file, write_json
 from cleansepsis.model_card import NOTICE, write_model_card
 from cleansepsis.policy import Policy, PolicyError, load_policy
-from cleansepsis.replay import Replay, ReplayError, load_replay
+from cleansepsis.replay import SPLITS, Replay, ReplayError, load_replay
 
 ICU_SEPSIS_SOURCE = "icu-sepsis"
+# a fresh held-out ICU-Sepsis replay is drawn with the training replay's seed plus this offset, so that
+# its episodes are not the training episodes
+HELDOUT_SEED_OFFSET = 1_000_000
 OUTPUT_FILES = ("evaluation.json", "evaluation.md", "action_heatmap.png", "q_values.png", "forest.png")
 
 
@@ -68,6 +71,10 @@ class Args:
     """Behaviour probability below which a policy action counts as low-support."""
     seed: int = 0
     """Seed of the bootstrap and neural FQE."""
+    fqe_refits: int = 20
+    """Neural FQE: refits on episode resamples (vmapped) for the interval; 0: one fit (omits fit noise)."""
+    heldout_episodes: int = 2_000
+    """ICU-Sepsis replays without the requested split: clinician episodes of the fresh held-out replay."""
     model_cards: bool = True
     """Write a README.md model card into each checkpoint folder."""
     overwrite: bool = False
@@ -148,7 +155,10 @@ def behaviour_model(replay: Replay, data: Any, args: Args) -> dict[str, Any]:
                 clinician_table = table
                 source += f" (= ICU-Sepsis clinician policy, renormalise={renormalise})"
                 break
-    return {"logged": logged, "full": full, "source": source, "calibration": None, "clinician_table": clinician_table}
+    # calibration of the behaviour model on the evaluated (held-out) data, wherever the full model is known
+    calibration = None if full is None else safety.calibration(full, actions)
+    return {"logged": logged, "full": full, "source": source, "calibration": calibration,
+            "clinician_table": clinician_table}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +205,8 @@ def evaluate_probs(
         key=jax.random.key(args.seed),
         fqe=args.fqe,
         neural_config=ope.NeuralFQEConfig(n_iterations=args.fqe_iterations, steps_per_iteration=args.fqe_steps),
+        neural_refits=args.fqe_refits,
+        behavior_ece=None if behaviour["calibration"] is None else behaviour["calibration"]["ece"],
         n_states=716 if replay.meta.get("source") == ICU_SEPSIS_SOURCE else None,
         action_mask=np.asarray(data.action_mask) if replay.has["action_mask"] else None,
         next_action_mask=np.asarray(data.next_action_mask) if replay.has["next_action_mask"] else None,
@@ -229,18 +241,63 @@ def _replay_for(entries: list[dict[str, Any]], args: Args) -> Path:
     return Path(config["replay_path"])
 
 
+def _split_is_empty(replay: Replay, split: str) -> bool:
+    return split in SPLITS and not np.any(np.asarray(replay.data.split) == SPLITS.index(split))
+
+
+def heldout_replay_for(replay: Replay, args: Args, log=print) -> tuple[Replay, dict[str, Any] | None]:
+    """The replay to evaluate on: `replay` itself, or, when it is an ICU-Sepsis replay without the
+    requested split (the default replay has every episode in "train"), a fresh held-out clinician replay
+    drawn with another seed (cached), so that no policy is scored on its own training episodes."""
+    if not _split_is_empty(replay, args.split) or replay.meta.get("source") != ICU_SEPSIS_SOURCE:
+        return replay, None
+    if args.split == "train":
+        return replay, None  # an empty train split is the replay's own problem: split() names it
+    from cleansepsis import icu_replay
+
+    made_by = replay.meta.get("args", {})
+    seed = int(made_by.get("seed", 0)) + HELDOUT_SEED_OFFSET
+    strategy = made_by.get("strategy", "mean")
+    path = icu_replay.heldout_replay_path(args.split, args.heldout_episodes, seed, strategy)
+    note = (
+        f"{replay.path} has no {args.split!r} split: evaluated on a fresh held-out ICU-Sepsis replay of "
+        f"{args.heldout_episodes} clinician episodes drawn with seed {seed} (training replay seed "
+        f"{made_by.get('seed', 'unknown')} + {HELDOUT_SEED_OFFSET}), cached at {path}"
+    )
+    log(note)
+    return load_replay(path), {
+        "drawn": True, "path": str(path), "episodes": args.heldout_episodes, "seed": seed,
+        "training_replay": str(replay.path), "note": note,
+    }  # fmt: skip
+
+
+def observed_return(data: Any, gamma: float) -> dict[str, float]:
+    """The clinicians' observed mean (discounted) return per episode on the evaluated split, with a 95%
+    percentile bootstrap interval over episodes: the reference every estimate should be read against."""
+    episode = np.unique(np.asarray(data.episode_id), return_inverse=True)[1].reshape(-1)
+    discounted = np.asarray(data.reward, np.float64) * gamma ** np.asarray(data.t, np.float64)
+    returns = np.bincount(episode, weights=discounted)
+    rng = np.random.default_rng(0)
+    boot = returns[rng.integers(0, len(returns), (1000, len(returns)))].mean(1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return {"mean": float(returns.mean()), "ci_low": float(lo), "ci_high": float(hi), "n_episodes": len(returns)}
+
+
 def evaluate_run(run_dir: Path, args: Args, log=print) -> dict[str, Any]:
     entries = list_checkpoints(run_dir)
     if not args.overwrite:
         for name in OUTPUT_FILES:
             if (run_dir / name).exists():
                 raise OutputExistsError(f"{run_dir / name} already exists; pass --overwrite to replace it")
-    replay = load_replay(_replay_for(entries, args))
+    if args.heldout_episodes < 1:
+        raise EvaluationError(f"--heldout-episodes must be at least 1, got {args.heldout_episodes}")
+    replay, heldout = heldout_replay_for(load_replay(_replay_for(entries, args)), args, log)
     data = replay.split(args.split)
     extras = replay.extras_for(args.split)
     behaviour = behaviour_model(replay, data, args)
     log(f"{run_dir}: {len(entries)} policies on {replay.path} split {args.split} ({data.size} transitions)")
 
+    observed = observed_return(data, args.gamma)
     policies = []
     if behaviour["clinician_table"] is not None:
         # the clinicians themselves, as a reference row: their value is known on ICU-Sepsis
@@ -281,7 +338,9 @@ def evaluate_run(run_dir: Path, args: Args, log=print) -> dict[str, Any]:
         fqe = result["ope"]["estimators"]["fqe"]["estimate"]
         wis = result["ope"]["estimators"]["wis"]["estimate"]
         exact = result["exact"]["value"] if result["exact"] else None
-        log(f"  [{i + 1}/{len(entries)}] {name}: FQE {fqe:.4f} WIS {wis:.4f} exact {exact}")
+        warn = ", ".join(w["code"] for w in result["ope"]["warnings"]) or "none"
+        log(f"  [{i + 1}/{len(entries)}] {name}: FQE {fqe:.4f} WIS {wis:.4f} exact {exact} "
+            f"(clinicians observed {observed['mean']:.4f}; warnings: {warn})")  # fmt: skip
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items() if k not in ("run_dirs", "json")}
     report = {
@@ -293,9 +352,13 @@ def evaluate_run(run_dir: Path, args: Args, log=print) -> dict[str, Any]:
             "env_id": replay.meta.get("env_id"),
             "reward": replay.meta.get("reward"),
             "split": args.split,
+            "heldout": heldout,
         },
         "settings": settings,
         "behavior": {"source": behaviour["source"], "calibration": behaviour["calibration"]},
+        "observed_return": observed,
+        "thresholds": ope.warning_thresholds(),
+        "warnings": sorted({w["code"] for p in policies for w in p["ope"]["warnings"]}),
         "policies": [_public(p) for p in policies],
         "notice": NOTICE,
     }
@@ -350,18 +413,32 @@ def markdown(report: dict[str, Any]) -> str:
         "bootstrap resamples of episodes for 95% intervals; FQE features: "
         f"{report['policies'][0]['ope']['estimators']['fqe']['features']}.",
         "",
+    ]
+    heldout = report["replay"].get("heldout")
+    if heldout:
+        lines += [f"**Held-out data drawn for this evaluation:** {heldout['note']}.", ""]
+    obs = report["observed_return"]
+    lines += [
         "## Off-policy estimates",
         "",
-        "| policy | WIS | PDWIS | WDR | FQE | exact (softened) | ESS | max weight | clipped |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Clinicians' observed return on these {obs['n_episodes']} episodes: **{obs['mean']:.4f}** "
+        f"[{obs['ci_low']:.4f}, {obs['ci_high']:.4f}] (mean per episode, 95% bootstrap interval). It is the "
+        "value of the logged behaviour, the reference every estimate below should be read against.",
+        "",
+        "| policy | WIS | PDWIS | WDR | FQE | clinicians observed | exact (softened) | ESS | max weight | clipped "
+        "| warnings |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in report["policies"]:
         e, w = p["ope"]["estimators"], p["ope"]["weights"]
         exact = f"{p['exact']['value']:.4f} ({p['exact']['value_softened']:.4f})" if p.get("exact") else "unknown"
+        codes = ", ".join(x["code"] for x in p["ope"]["warnings"]) or "none"
         lines.append(
             f"| {p['name']} | {_est(e['wis'])} | {_est(e['pdwis'])} | {_est(e['wdr'])} | {_est(e['fqe'])} | "
-            f"{exact} | {w['ess']:.1f} / {w['n_episodes']} | {w['max_weight']:.3g} | {100 * w['share_clipped']:.1f}% |"
+            f"{obs['mean']:.4f} | {exact} | {w['ess']:.1f} / {w['n_episodes']} | {w['max_weight']:.3g} | "
+            f"{100 * w['share_clipped']:.1f}% | {codes} |"
         )
+    lines += ["", _warnings_markdown(report)]
     lines += [
         "",
         "## Clinical and safety measures",
@@ -404,6 +481,28 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _warnings_markdown(report: dict[str, Any]) -> str:
+    t = report["thresholds"]
+    lines = [
+        "### Warnings",
+        "",
+        f"Thresholds: fewer than {t['small_held_out_episodes']} held-out episodes; ESS below "
+        f"{100 * t['min_ess_share']:.0f}% of the episodes or below {t['min_ess']}; the largest episode weight "
+        "above "
+        f"{100 * t['max_weight_share']:.0f}% of the total weight; behaviour-model ECE on the evaluated data "
+        f"above {t['max_behavior_ece']}"
+        + ("" if report["behavior"]["calibration"] else " (not computed: only the logged action's behaviour "
+           "probability is known)") + ".",
+        "",
+    ]
+    flagged = [p for p in report["policies"] if p["ope"]["warnings"]]
+    if not flagged:
+        return "\n".join([*lines, "None fired."])
+    for p in flagged:
+        lines += [f"- **{p['name']}**: " + "; ".join(w["message"] for w in p["ope"]["warnings"]) + "."]
+    return "\n".join(lines)
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -443,6 +542,9 @@ def write_outputs(run_dir: Path, report: dict[str, Any], policies: list[dict[str
             "replay_path": report["replay"]["path"],
             "behavior": report["behavior"],
             "reward": report["replay"]["reward"],
+            "observed_return": report["observed_return"],
+            "thresholds": report["thresholds"],
+            "heldout": report["replay"].get("heldout"),
         }
         for p in learned:
             folder = run_dir / p["checkpoint"]
@@ -453,8 +555,9 @@ def write_outputs(run_dir: Path, report: dict[str, Any], policies: list[dict[str
 def comparison_table(reports: list[dict[str, Any]]) -> str:
     """One row per run folder: mean and spread over its policies."""
     lines = [
-        "| run | policies | FQE mean (min-max) | WIS mean | exact mean | agreement | low-support |",
-        "|---|---|---|---|---|---|---|",
+        "| run | policies | FQE mean (min-max) | WIS mean | clinicians observed | exact mean | agreement | low-support "
+        "| warnings |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         learned = [p for p in r["policies"] if p.get("checkpoint")]
@@ -467,7 +570,8 @@ def comparison_table(reports: list[dict[str, Any]]) -> str:
         low_text = _pct(float(np.mean(low))) if low else "n/a"
         lines.append(
             f"| {Path(r['run_dir']).name} | {len(learned)} | {fqe.mean():.4f} ({fqe.min():.4f}-{fqe.max():.4f}) | "
-            f"{np.nanmean(wis):.4f} | {exact_text} | {100 * agree:.1f}% | {low_text} |"
+            f"{np.nanmean(wis):.4f} | {r['observed_return']['mean']:.4f} | {exact_text} | {100 * agree:.1f}% | "
+            f"{low_text} | {', '.join(r['warnings']) or 'none'} |"
         )
     return "\n".join(lines)
 

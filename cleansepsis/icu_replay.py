@@ -32,11 +32,13 @@ BEHAVIOR_POLICY = "clinician (icu-sepsis expert_policy) restricted to admissible
 
 
 def _check_fractions(val_frac: float, test_frac: float) -> None:
+    """Any fractions in [0, 1] summing to at most 1: a replay may be all held-out episodes (e.g. a fresh
+    test set for evaluation, `--test-frac 1`)."""
     for name, value in (("val_frac", val_frac), ("test_frac", test_frac)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
-    if val_frac + test_frac >= 1.0:
-        raise ValueError(f"val_frac + test_frac must be below 1 (no training episodes left), got {val_frac + test_frac}")
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if val_frac + test_frac > 1.0 + 1e-9:
+        raise ValueError(f"val_frac + test_frac must be at most 1, got {val_frac + test_frac}")
 
 
 def clinician_policy_numpy() -> np.ndarray:
@@ -54,7 +56,8 @@ def episode_splits(n_episodes: int, seed: int, val_frac: float, test_frac: float
     """Split name per episode (n_episodes,), fixed by the seed: a random `test_frac` of the episodes is
     "test", a random `val_frac` is "val", the rest "train"."""
     _check_fractions(val_frac, test_frac)
-    n_test, n_val = round(test_frac * n_episodes), round(val_frac * n_episodes)
+    n_test = round(test_frac * n_episodes)
+    n_val = min(round(val_frac * n_episodes), n_episodes - n_test)  # 0.5 + 0.5 of an odd count: no overflow
     order = np.random.default_rng(seed).permutation(n_episodes)
     splits = np.full(n_episodes, "train", dtype=object)
     splits[order[:n_test]] = "test"
@@ -142,6 +145,41 @@ GENERATOR_VERSION = 2
 def default_replay_file(episodes: int = 10_000, seed: int = 0) -> Path:
     """Where the cached default replay for these arguments lives (it may not exist yet)."""
     return cache_dir() / f"icu-sepsis-clinician-e{episodes}-s{seed}-v{SCHEMA_VERSION}-g{GENERATOR_VERSION}.parquet"
+
+
+def heldout_replay_file(split: str, episodes: int, seed: int, strategy: str = "mean") -> Path:
+    """Where the cached held-out replay (every episode in `split`) for these arguments lives."""
+    return cache_dir() / (
+        f"icu-sepsis-clinician-{split}-{strategy}-e{episodes}-s{seed}-v{SCHEMA_VERSION}-g{GENERATOR_VERSION}.parquet"
+    )
+
+
+def heldout_replay_path(split: str, episodes: int, seed: int, strategy: str = "mean") -> Path:
+    """A cached replay of fresh clinician episodes, all in `split` ("val" or "test"): held-out data for
+    evaluating policies trained on a replay drawn with another seed. Built on first use like the
+    default replay (written whole under a temporary name, then renamed)."""
+    if split not in ("val", "test"):
+        raise ValueError(f"a held-out replay's split must be 'val' or 'test', got {split!r}")
+    path = heldout_replay_file(split, episodes, seed, strategy)
+    fractions = {"val_frac": float(split == "val"), "test_frac": float(split == "test")}
+    if path.exists():
+        try:
+            args = read_metadata(path).get("args", {})
+            same = (args.get("episodes"), args.get("seed"), args.get("strategy")) == (episodes, seed, strategy)
+            if same and all(args.get(k) == v for k, v in fractions.items()):
+                return path
+        except ReplayError:
+            pass
+        print(f"rebuilding damaged cached replay {path}", file=sys.stderr)
+        path.unlink(missing_ok=True)
+    print(f"building a held-out ICU-Sepsis replay ({episodes} clinician episodes, seed {seed}) at {path}",
+          file=sys.stderr)  # fmt: skip
+    frame, meta = make_clinician_replay(episodes, seed, strategy, **fractions)
+    try:
+        write_replay(path, frame, meta, overwrite=False)
+    except OutputExistsError:
+        pass  # another process finished the same file first
+    return path
 
 
 def default_replay_path(episodes: int = 10_000, seed: int = 0) -> Path:

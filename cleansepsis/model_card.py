@@ -8,6 +8,8 @@ from typing import Any
 
 from cleansepsis.io import atomic_file
 
+ICU_SEPSIS_SOURCE = "icu-sepsis"
+
 NOTICE = (
     "**For research only; not for treating patients.** This policy was learned from retrospective data "
     "and has not been validated prospectively. It must not be used to make or support treatment decisions."
@@ -55,13 +57,14 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, run: d
         f"({', '.join((config.get('feature_names') or [])[:6])}, ...); normalisation: "
         f"{str(config.get('normalisation'))[:200]}.",
     ]
+    is_icu_sepsis = config.get("replay_source") == ICU_SEPSIS_SOURCE
     if config.get("action_bins"):
         bins = config["action_bins"]
         lines.append(
             f"- Dose levels: vasopressor edges {bins.get('vaso_edges')} {bins.get('vaso_unit')}, "
             f"fluid edges {bins.get('fluid_edges')} {bins.get('fluid_unit')}."
         )
-    else:
+    elif is_icu_sepsis:
         lines.append(
             "- ICU-Sepsis (Choudhary et al. 2024): a tabular MDP built from MIMIC-III with the AI Clinician "
             "cohort; the dose levels are that cohort's quartile bins."
@@ -73,6 +76,10 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, run: d
     else:
         est = evaluation["ope"]["estimators"]
         weights = evaluation["ope"]["weights"]
+        observed = run.get("observed_return") or {}
+        observed_text = _fmt(observed.get("mean") if observed else evaluation["ope"].get("observed_return"), 4)
+        if run.get("heldout"):
+            lines += [f"Held-out data drawn for this evaluation: {run['heldout']['note']}.", ""]
         lines += [
             f"Measured by `python -m cleansepsis.evaluate` on split `{run.get('split')}` of "
             f"`{run.get('replay_path')}` ({evaluation['ope']['n_episodes']} episodes, "
@@ -81,13 +88,33 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, run: d
             f"{evaluation['ope']['epsilon']} for importance sampling; clip {evaluation['ope']['clip']}. "
             "Intervals: 95% bootstrap over episodes.",
             "",
-            "| estimator | estimate [95% interval] |",
-            "|---|---|",
+            "| estimator | estimate [95% interval] | clinicians observed |",
+            "|---|---|---|",
         ]
-        lines += [f"| {name.upper()} | {_estimate(e)} |" for name, e in est.items()]
+        lines += [f"| {name.upper()} | {_estimate(e)} | {observed_text} |" for name, e in est.items()]
         if evaluation.get("exact"):
             ex = evaluation["exact"]
-            lines.append(f"| exact (ICU-Sepsis, softened / as is) | {_fmt(ex['value_softened'], 4)} / {_fmt(ex['value'], 4)} |")
+            lines.append(
+                f"| exact (ICU-Sepsis, softened / as is) | {_fmt(ex['value_softened'], 4)} / {_fmt(ex['value'], 4)} "
+                f"| {observed_text} |"
+            )
+        lines += ["", "The clinicians' observed return is the mean return per episode of the logged behaviour on "
+                  "the same episodes: the reference every estimate should be read against."]  # fmt: skip
+        warnings = evaluation["ope"].get("warnings") or []
+        thresholds = run.get("thresholds")
+        if warnings:
+            lines += ["", "**Warnings** (the estimates above are not to be trusted as they stand):"]
+            lines += [f"- {w['message']}." for w in warnings]
+        else:
+            lines += ["", "Warnings: none fired."]
+        if thresholds:
+            lines.append(
+                f"(Thresholds: fewer than {thresholds['small_held_out_episodes']} held-out episodes; ESS below "
+                f"{100 * thresholds['min_ess_share']:.0f}% of the episodes or below {thresholds['min_ess']}; "
+                "largest weight above "
+                f"{100 * thresholds['max_weight_share']:.0f}% of the total; behaviour-model ECE above "
+                f"{thresholds['max_behavior_ece']}.)"
+            )
         lines += [
             "",
             f"Importance weights: ESS {_fmt(weights['ess'], 1)} of {weights['n_episodes']} episodes, largest "
@@ -122,7 +149,12 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, run: d
         " softening and clipping change what is estimated.",
         "- Values are not comparable with other papers' numbers unless cohort, reward, action bins and"
         " evaluation choices all match (Luo et al. 2024).",
-        "- ICU-Sepsis is a model of MIMIC-III patients; doing well on it is not evidence of benefit to patients.",
+    ]
+    if is_icu_sepsis:
+        lines.append(
+            "- ICU-Sepsis is a model of MIMIC-III patients; doing well on it is not evidence of benefit to patients."
+        )
+    lines += [
         "- Dose levels are coarse (5 x 5); timing, drug choice and patient context beyond the features are not modelled.",
         "",
         NOTICE,

@@ -9,7 +9,7 @@ import pytest
 import data_prep
 from cleansepsis import env as E
 from cleansepsis import icu_replay
-from cleansepsis.replay import content_hash, load_replay
+from cleansepsis.replay import ReplayError, content_hash, load_replay
 
 
 def test_same_seed_same_rows_different_seed_different(icu_replay_small):
@@ -65,8 +65,28 @@ def test_rows_are_consistent_with_the_mdp(icu_replay_small):
 def test_bad_fractions_are_refused():
     with pytest.raises(ValueError, match="val_frac"):
         icu_replay.make_clinician_replay(10, 0, val_frac=1.5)
-    with pytest.raises(ValueError, match="below 1"):
-        icu_replay.make_clinician_replay(10, 0, val_frac=0.5, test_frac=0.5)
+    with pytest.raises(ValueError, match="test_frac"):
+        icu_replay.make_clinician_replay(10, 0, test_frac=-0.1)
+    with pytest.raises(ValueError, match="at most 1"):
+        icu_replay.make_clinician_replay(10, 0, val_frac=0.6, test_frac=0.5)
+
+
+@pytest.mark.parametrize(("val_frac", "test_frac", "expected"), [
+    (0.0, 1.0, {"test": 11}), (1.0, 0.0, {"val": 11}), (0.5, 0.5, {"test": 6, "val": 5}),
+    (0.3, 0.7, {"test": 8, "val": 3}),
+])  # fmt: skip
+def test_any_fractions_summing_to_at_most_one_are_accepted(val_frac, test_frac, expected):
+    splits = icu_replay.episode_splits(11, 0, val_frac, test_frac)
+    assert {name: int((splits == name).sum()) for name in ("train", "val", "test") if (splits == name).any()} == expected
+
+
+def test_cli_writes_an_all_test_replay(tmp_path):
+    out = tmp_path / "heldout.parquet"
+    assert data_prep.main(["icu-sepsis", "--episodes", "20", "--test-frac", "1.0", "--out", str(out)]) == 0
+    replay = load_replay(out)
+    assert replay.split("test").size == replay.meta["n_transitions"]
+    with pytest.raises(ReplayError, match="no transitions"):
+        replay.split("train")
 
 
 def test_cli_writes_and_refuses_to_overwrite(tmp_path, capsys):
@@ -124,3 +144,17 @@ def test_default_replay_race_keeps_the_finished_file(tmp_path, monkeypatch):
     assert icu_replay.default_replay_path(episodes=30, seed=0) == target
     assert load_replay(target).meta["n_episodes"] == 30
     assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary files left
+
+
+def test_heldout_replay_is_all_in_its_split_cached_and_distinct_per_seed(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLEANSEPSIS_CACHE", str(tmp_path))
+    path = icu_replay.heldout_replay_path("test", episodes=25, seed=7)
+    replay = load_replay(path)
+    assert replay.meta["n_episodes"] == 25 and replay.meta["args"]["seed"] == 7
+    assert replay.split("test").size == replay.meta["n_transitions"]
+    stamp = path.stat().st_mtime_ns
+    assert icu_replay.heldout_replay_path("test", episodes=25, seed=7) == path and path.stat().st_mtime_ns == stamp
+    other = icu_replay.heldout_replay_path("val", episodes=25, seed=8)
+    assert other != path and load_replay(other).split("val").size == load_replay(other).meta["n_transitions"]
+    with pytest.raises(ValueError, match="'val' or 'test'"):
+        icu_replay.heldout_replay_path("train", episodes=5, seed=1)

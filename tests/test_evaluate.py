@@ -68,6 +68,16 @@ def test_evaluates_every_policy_with_exact_values_figures_and_model_cards(icu_re
         assert (run / name).stat().st_size > 0
     card = (run / "checkpoints/s0_seed0/README.md").read_text()
     assert "not for treating patients" in card and "WIS" in card
+    # the clinicians' observed return beside every estimate, the warnings and their thresholds
+    observed = report["observed_return"]
+    assert observed["n_episodes"] == 750 and observed["ci_low"] <= observed["mean"] <= observed["ci_high"]
+    assert report["thresholds"]["small_held_out_episodes"] == 100
+    assert f"{observed['mean']:.3f}" in card and "clinicians observed" in card and "Thresholds" in card
+    markdown = (run / "evaluation.md").read_text()
+    assert "clinicians observed" in markdown and "### Warnings" in markdown
+    assert report["policies"][0]["ope"]["warnings"] == []  # the clinicians on 750 episodes: nothing to flag
+    assert report["behavior"]["calibration"]["ece"] < 0.1  # the true behaviour model, checked on held-out data
+    assert "ICU-Sepsis is a model of MIMIC-III patients" in card
     assert json.loads((run / "evaluation.json").read_text())["policies"][1]["name"] == "s0_seed0"
     # existing outputs are kept unless asked
     assert main([str(run), "--n-boot", "20"]) == 2
@@ -93,7 +103,7 @@ def test_replay_without_behaviour_probabilities_needs_a_behaviour_model(icu_repl
     assert "behavior_prob" in capsys.readouterr().err
     behaviour = make_run(tmp_path / "bc", path, meta, outputs=("logits",)) / "checkpoints/s0_seed0"
     args = [str(run), "--n-boot", "10", "--behavior", str(behaviour), "--json", "--fqe-iterations", "3",
-            "--fqe-steps", "20"]  # fmt: skip
+            "--fqe-steps", "20", "--fqe-refits", "4"]  # fmt: skip
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["behavior"]["calibration"]["ece"] >= 0
@@ -101,9 +111,63 @@ def test_replay_without_behaviour_probabilities_needs_a_behaviour_model(icu_repl
     policy = report["policies"][0]
     assert policy["exact"] is None
     assert policy["ope"]["estimators"]["fqe"]["features"].startswith("MLP")
+    assert policy["ope"]["estimators"]["fqe"]["n_refits"] == 4  # the neural interval refits on resamples
     hazards = policy["safety"]["hazards"]
     assert set(hazards["policy"]) == {"A", "B", "C", "D"} and hazards["clinicians"]["A"]["n_states"] > 0
     assert "Festor" in (run / "evaluation.md").read_text()
+    # not an ICU-Sepsis policy: no ICU-Sepsis lines in its model card
+    card = (run / "checkpoints/s0_seed0/README.md").read_text()
+    assert "ICU-Sepsis" not in card and "clinicians observed" in card
+
+
+def test_small_held_out_set_is_flagged_in_tables_json_and_model_card(tmp_path, capsys):
+    frame, meta = make_clinician_replay(60, seed=4, test_frac=0.1)  # 6 test episodes
+    path = tmp_path / "small.parquet"
+    write_replay(path, frame, meta)
+    run = make_run(tmp_path / "run", path, meta, outputs=("q_values",))
+    assert main([str(run), "--n-boot", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "small-held-out-set" in out and "only 6 held-out episodes (< 100)" in out
+    report = json.loads((run / "evaluation.json").read_text())
+    assert report["observed_return"]["n_episodes"] == 6
+    for policy in report["policies"]:
+        assert "small-held-out-set" in [w["code"] for w in policy["ope"]["warnings"]]
+    assert "small-held-out-set" in report["warnings"]
+    card = (run / "checkpoints/s0_seed0/README.md").read_text()
+    assert "**Warnings**" in card and "only 6 held-out episodes" in card
+
+
+def test_no_options_on_a_default_run_draws_a_fresh_held_out_replay(tmp_path, monkeypatch, capsys):
+    """A default run trains on the cached ICU-Sepsis replay, every episode in "train": `evaluate RUN` with
+    no options draws held-out clinician episodes with another seed instead of stopping."""
+    from dataclasses import dataclass
+
+    from cleansepsis import evaluate, icu_replay
+    from cleansepsis.replay import load_replay
+
+    monkeypatch.setenv("CLEANSEPSIS_CACHE", str(tmp_path / "cache"))
+    replay_path = icu_replay.default_replay_path(episodes=200, seed=0)
+    run = make_run(tmp_path / "run", replay_path, load_replay(replay_path).meta, outputs=("q_values",))
+
+    @dataclass(frozen=True)
+    class QuickDefaults(evaluate.Args):  # the defaults, smaller: keeps the test to seconds
+        n_boot: int = 10
+        heldout_episodes: int = 150
+
+    monkeypatch.setattr(evaluate, "Args", QuickDefaults)
+    assert main([str(run)]) == 0
+    captured = capsys.readouterr()
+    assert "fresh held-out ICU-Sepsis replay of 150 clinician episodes" in captured.err
+    assert "Held-out data drawn for this evaluation" in captured.out
+    report = json.loads((run / "evaluation.json").read_text())
+    heldout = report["replay"]["heldout"]
+    assert heldout["drawn"] and heldout["seed"] == evaluate.HELDOUT_SEED_OFFSET and heldout["episodes"] == 150
+    assert report["observed_return"]["n_episodes"] == 150 and report["policies"][1]["exact"] is not None
+    assert "Held-out data drawn" in (run / "checkpoints/s0_seed0/README.md").read_text()
+    # the held-out episodes are not the training ones
+    held = load_replay(heldout["path"])
+    assert held.meta["args"]["seed"] != load_replay(replay_path).meta["args"]["seed"]
+    assert held.content_hash != load_replay(replay_path).content_hash
 
 
 def test_missing_run_folder_is_a_clear_error(tmp_path, capsys):

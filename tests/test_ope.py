@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cleansepsis import ope
-from cleansepsis.replay import Transitions
+from cleansepsis import ope, safety
+from cleansepsis.replay import Transitions, take_rows
 
 
 def make_transitions(episodes: list[list[tuple[int, int, float, int, bool]]], n_actions: int = 2) -> Transitions:
@@ -148,6 +148,47 @@ def test_episode_with_a_gap_in_steps_is_refused():
         ope.episode_layout(np.array([0, 0, 1]), np.array([0, 2, 0]))
 
 
+def test_warnings_name_each_small_data_problem_and_stay_quiet_otherwise():
+    big = {"n_episodes": 10_000, "ess": 9_000.0, "max_weight": 3.0, "max_weight_share": 0.0003}
+    assert ope.small_data_warnings(big, behavior_ece=0.01) == []
+    assert ope.small_data_warnings(big) == []  # calibration unknown: no warning about it
+    small = {"n_episodes": 6, "ess": 1.0, "max_weight": 6.5e24, "max_weight_share": 1.0}
+    codes = [w["code"] for w in ope.small_data_warnings(small, behavior_ece=0.39)]
+    assert codes == ["small-held-out-set", "low-ess", "dominant-weight", "behavior-miscalibrated"]
+    # each threshold on its own
+    assert [w["code"] for w in ope.small_data_warnings({**big, "ess": 900.0})] == ["low-ess"]
+    assert [w["code"] for w in ope.small_data_warnings({**big, "max_weight_share": 0.3})] == ["dominant-weight"]
+    assert [w["code"] for w in ope.small_data_warnings(big, behavior_ece=0.11)] == ["behavior-miscalibrated"]
+    assert [w["code"] for w in ope.small_data_warnings({**big, "n_episodes": 99, "ess": 99.0})] == [
+        "small-held-out-set"
+    ]
+    # a NaN share (all weights zero) warns rather than passing silently
+    assert "dominant-weight" in [w["code"] for w in ope.small_data_warnings({**big, "max_weight_share": np.nan})]
+
+
+def test_neural_fqe_interval_grows_when_every_resample_is_refitted():
+    rng = np.random.default_rng(0)
+    episodes = []
+    for _ in range(40):
+        a0, a1 = rng.integers(0, 2, 2)
+        s1 = 1 + a0
+        episodes.append([(0, a0, REWARD[0, a0], s1, False), (s1, a1, REWARD[s1, a1], 3, True)])
+    data = make_transitions(episodes)
+    table = table_policy({0: 0.8, 1: 0.9, 2: 0.3})
+    config = ope.NeuralFQEConfig(hidden=16, n_iterations=4, steps_per_iteration=30, batch_size=32)
+    widths = {}
+    for refits in (0, 8):
+        result = evaluate(data, table, fqe="neural", neural_config=config, neural_refits=refits)
+        fqe = result["estimators"]["fqe"]
+        widths[refits] = fqe["ci_high"] - fqe["ci_low"]
+        assert fqe["n_refits"] == refits and fqe["ci_low"] - 1e-6 <= fqe["estimate"] <= fqe["ci_high"] + 1e-6
+    # every episode starts in s0, so V(s_0) resampled under one fit has no spread at all; refits on
+    # resamples of the episodes (and fresh initialisations) carry the fit's own uncertainty
+    assert widths[0] < 1e-6 < 0.01 < widths[8]
+    with pytest.raises(ope.OPEError, match="n_refits"):
+        evaluate(data, table, fqe="neural", neural_config=config, neural_refits=-1)
+
+
 def test_zero_behaviour_probability_is_refused():
     data = two_step_data()
     with pytest.raises(ope.OPEError, match="behaviour probability"):
@@ -229,14 +270,112 @@ def test_fqe_and_wis_of_the_clinicians_on_icu_sepsis_are_close_to_the_exact_valu
     clinician = np.asarray(env.clinician_policy(params, renormalise=True))
     states, next_states = np.asarray(data.state_index), np.asarray(data.next_state_index)
     assert np.allclose(clinician[states, np.asarray(data.action)], np.asarray(data.behavior_prob), atol=1e-5)
+    actions = np.asarray(data.action)
+    ece = safety.calibration(clinician[states], actions)["ece"]  # the true behaviour model: well calibrated
     result = ope.off_policy_evaluation(
         data, clinician[states], clinician[next_states], np.asarray(data.behavior_prob),
-        gamma=1.0, epsilon=0.0, n_boot=50, n_states=env.N_STATES,
+        gamma=1.0, epsilon=0.0, n_boot=50, n_states=env.N_STATES, behavior_ece=ece,
     )  # fmt: skip
     exact = float(env.policy_evaluation(clinician, params)[0])
+    # 10,000 episodes, all weights 1, a calibrated behaviour model: no small-data warning
+    assert result["n_episodes"] == 10_000 and ece < ope.MAX_BEHAVIOR_ECE
+    assert result["warnings"] == []
+    assert result["observed_return"] == pytest.approx(float(np.asarray(data.reward).sum()) / 10_000, abs=1e-6)
+
+    # six of those episodes, a greedy target and a behaviour model off by a mile: every warning fires
+    six = np.flatnonzero(np.asarray(data.episode_id) < 6)
+    small = take_rows(data, six)
+    greedy = np.asarray(env.greedy_admissible(clinician, np.asarray(params.admissible_mask)))
+    s6, n6 = states[six], next_states[six]
+    small_result = ope.off_policy_evaluation(
+        small, greedy[s6], greedy[n6], np.asarray(small.behavior_prob), gamma=1.0, n_boot=20,
+        n_states=env.N_STATES, behavior_ece=0.39,
+    )  # fmt: skip
+    codes = {w["code"] for w in small_result["warnings"]}
+    assert {"small-held-out-set", "low-ess", "behavior-miscalibrated"} <= codes
+    assert small_result["n_episodes"] == 6 and "6 held-out episodes" in small_result["warnings"][0]["message"]
+    if small_result["weights"]["max_weight_share"] > ope.MAX_WEIGHT_SHARE:
+        assert "dominant-weight" in codes
     est = result["estimators"]
     # 10,000 episodes: the standard error of a mean survival is about 0.004
     assert abs(est["fqe"]["estimate"] - exact) < 0.012
     assert abs(est["wis"]["estimate"] - exact) < 0.012
     assert est["wis"]["ci_low"] - 0.005 < exact < est["wis"]["ci_high"] + 0.005
     assert result["weights"]["ess"] == pytest.approx(result["n_episodes"])  # on-policy: all weights 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-decision WIS with episodes of different lengths and a terminal reward
+
+# s0 -a0-> terminal with reward 1 (prob 1/2) or s1 (reward 0); s1 -a0-> terminal, reward 1 or 0 (1/2 each);
+# s1 -a1-> terminal reward 0; s0 -a1-> terminal reward 0. Behaviour uniform, target always a0: exact value
+# 1/2 + 1/4 = 0.75. The five trajectories and their probabilities under the behaviour:
+TOY_EPISODES = [
+    [(0, 0, 1.0, 3, True)],  # A: survives at step 0, weight 2
+    [(0, 0, 0.0, 1, False), (1, 0, 1.0, 3, True)],  # B1: survives at step 1, weights 2, 4
+    [(0, 0, 0.0, 1, False), (1, 0, 0.0, 3, True)],  # B0: dies at step 1, weights 2, 4
+    [(0, 0, 0.0, 1, False), (1, 1, 0.0, 3, True)],  # C: deviates at step 1, weights 2, 0
+    [(0, 1, 0.0, 3, True)],  # D: deviates at step 0, weight 0
+]
+TOY_PROBS = np.array([1 / 4, 1 / 16, 1 / 16, 1 / 8, 1 / 2])
+
+
+def toy_pdwis_by_hand(n_a, n_b1, n_b0, n_c, n_d, carried=True):
+    """Step 0: sum w r / sum w over all episodes. Step 1: A ended at step 0 and carries its weight 2 into
+    the normalisation (carried=True, Thomas 2015); carried=False drops ended episodes instead."""
+    step0 = 2 * n_a / (2 * (n_a + n_b1 + n_b0 + n_c))
+    den1 = (2 * n_a if carried else 0) + 4 * (n_b1 + n_b0)
+    return step0 + (4 * n_b1 / den1 if den1 > 0 else 0.0)
+
+
+def compositions(n, k):
+    if k == 1:
+        yield (n,)
+        return
+    for i in range(n + 1):
+        for rest in compositions(n - i, k - 1):
+            yield (i, *rest)
+
+
+def test_per_decision_wis_carries_ended_episodes_and_its_small_sample_bias_is_its_own():
+    from math import lgamma
+
+    data = make_transitions(TOY_EPISODES)
+    table = table_policy({0: 1.0, 1: 1.0})
+    layout = ope.episode_layout(data.episode_id, data.t)
+    target = table[np.asarray(data.state_index), np.asarray(data.action)]
+    inputs = ope.make_is_inputs(layout, np.asarray(data.reward), target, np.asarray(data.behavior_prob), 1.0)
+    # the code's estimator is the hand formula, dataset by dataset: one of each -> 2/8 + 4/10
+    assert float(ope.pdwis(inputs, jnp.ones(5))) == pytest.approx(toy_pdwis_by_hand(1, 1, 1, 1, 1), abs=1e-6)
+    assert toy_pdwis_by_hand(1, 1, 1, 1, 1) == pytest.approx(0.25 + 0.4)
+    # consistency: at the behaviour's own frequencies (16 episodes in proportion) it is exact, and the
+    # other convention (ended episodes leave the step-1 normalisation) converges to 1.0, not 0.75
+    frequencies = jnp.asarray(16 * TOY_PROBS, jnp.float32)
+    assert float(ope.pdwis(inputs, frequencies)) == pytest.approx(0.75, abs=1e-6)
+    assert toy_pdwis_by_hand(*(16 * TOY_PROBS), carried=False) == pytest.approx(1.0)
+
+    def expected(n):
+        """Exact expectation over every dataset of n behaviour episodes (multinomial counts), by the code."""
+        counts = np.array(list(compositions(n, 5)), np.float32)
+        log_p = (
+            lgamma(n + 1)
+            - np.array([sum(lgamma(c + 1) for c in row) for row in counts])
+            + counts @ np.log(TOY_PROBS)
+        )
+        p = np.exp(log_p)
+        out = {}
+        for fn in (ope.pdwis, ope.wis):
+            values = np.asarray(jax.vmap(lambda c, fn=fn: fn(inputs, c))(jnp.asarray(counts)), np.float64)
+            ok = np.isfinite(values)
+            out[fn.__name__] = float((p[ok] * values[ok]).sum() / p[ok].sum()) - 0.75
+            if fn is ope.pdwis:  # the code agrees with the hand formula on every dataset
+                by_hand = [toy_pdwis_by_hand(*row) for row, good in zip(counts, ok, strict=True) if good]
+                np.testing.assert_allclose(values[ok], by_hand, atol=1e-5)
+        return out
+
+    small, larger = expected(10), expected(30)
+    # the same signs as on ICU-Sepsis (PDWIS low, WIS high), and both biases shrink like 1/n: the
+    # estimator's own ratio bias, not a mishandling of the episodes that ended earlier
+    assert -0.035 < small["pdwis"] < -0.02 and 0.02 < small["wis"] < 0.04
+    assert -0.012 < larger["pdwis"] < -0.004 and abs(larger["pdwis"]) < 0.5 * abs(small["pdwis"])
+    assert 0.004 < larger["wis"] < abs(small["wis"])
