@@ -11,7 +11,9 @@ d3rlpy is never a runtime dependency: it runs in a subprocess of a separate venv
     python3 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.13.0 d3rlpy==2.8.1
     uv run python benchmarks/bench_cql.py [--bench-python .bench-venv/bin/python]
 Timings on a shared machine swing widely: each figure is the median of --repeats runs; the load average
-is printed with them.
+is printed with them. The layout is run_sweep's (one host device per core, at most one per seed, each
+training its runs one after another); `CLEANSEPSIS_HOST_DEVICES=N` and `CLEANSEPSIS_VMAP_WIDTH=K` (K runs of
+a device side by side under one vmap) measure others, and each row prints the layout it ran on.
 """
 
 from __future__ import annotations
@@ -207,13 +209,15 @@ def main() -> None:
         compile_seconds, rate = time_cql(data, num_seeds, args.updates, args.repeats, args.batch_size)
         gflops = rate * flops / 1e9
         ratio = rate / reference["with_sampling"] if reference else float("nan")
-        rows.append((num_seeds, rate, ratio, gflops / peak, gflops / peak_256, compile_seconds))
+        layout = runs.device_info()["sweep"]
+        rows.append((num_seeds, rate, ratio, gflops / peak, gflops / peak_256, compile_seconds, layout))
     print(
-        f"{'seeds':>5}  {'seed-updates/s':>14}  {'vs d3rlpy':>9}  {'of 1024^3':>9}  {'of 256^3':>8}  {'compile s':>9}"
+        f"{'seeds':>5}  {'seed-updates/s':>14}  {'vs d3rlpy':>9}  {'of 1024^3':>9}  {'of 256^3':>8}  {'compile s':>9}  layout"
     )
-    for num_seeds, rate, ratio, share, share_256, compile_seconds in rows:
+    for num_seeds, rate, ratio, share, share_256, compile_seconds, layout in rows:
         print(
             f"{num_seeds:>5}  {rate:>14.1f}  {ratio:>8.2f}x  {share:>9.1%}  {share_256:>8.1%}  {compile_seconds:>9.1f}"
+            f"  {layout['n_devices']} device(s) x {layout['runs_per_device']} runs, vmap width {layout['vmap_width']}"
         )
     print("goals: >= 5x d3rlpy (with its sampler), >= 85% of matmul throughput, compile < 10 s")
     print(f"load average after: {os.getloadavg()}")

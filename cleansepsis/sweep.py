@@ -63,11 +63,11 @@ def use_host_devices(num_seeds: int | None = None) -> int:
     if wanted is None:
         cores = len(os.sched_getaffinity(0))
         wanted = cores if num_seeds is None else max(1, min(cores, num_seeds))
-    init_distributed()
     try:
         jax.config.update("jax_num_cpu_devices", wanted)
     except RuntimeError:  # JAX already ran something: its devices are fixed
-        return len(jax.local_devices(backend="cpu"))
+        wanted = len(jax.local_devices(backend="cpu"))
+    init_distributed()
     return wanted
 
 
