@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_cql import HIDDEN, N_ACTIONS, OBS_DIM, matmul_gflops, random_transitions, update_flops  # noqa: E402
+from bench_cql import HIDDEN, N_ACTIONS, OBS_DIM, random_transitions, update_flops  # noqa: E402
 
 import cql  # noqa: E402
 from cleansepsis import runs  # noqa: E402
@@ -136,12 +136,28 @@ def timed_program(variant: str, args: Args, data) -> Callable[[], float]:
     carry = init(data)
     jax.block_until_ready(run(carry, data))  # compile and warm up
 
-    def once() -> float:
-        start = time.perf_counter()
-        jax.block_until_ready(run(carry, data))
-        return (time.perf_counter() - start) / args.updates
+    def once() -> tuple[float, float]:
+        return clocked(lambda: jax.block_until_ready(run(carry, data)), args.updates)
 
     return once
+
+
+def clocked(fn: Callable[[], object], n: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process's threads) per unit of one call of fn doing n units. CPU
+    time counts only the cycles this process got, so it moves less than wall time when other jobs share
+    the cores (it still counts cycles lost to cache contention and to threads spinning while they wait)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
+
+
+def matmul_loop(n: int) -> Callable[[], tuple[float, float]]:
+    """Seconds per FLOP (wall, CPU) of a jitted loop of n x n @ n x n float32 matmuls (bench_cql's reference)."""
+    loops = 20 * (1024 // n) ** 3
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    chain = jax.jit(lambda x: jax.lax.fori_loop(0, loops, lambda _, y: (y @ a) * (1.0 / n**0.5), x))
+    jax.block_until_ready(chain(a))
+    return lambda: clocked(lambda: jax.block_until_ready(chain(a)), 2 * n**3 * loops)
 
 
 def eval_hook_seconds(rounds: int) -> float:
@@ -175,31 +191,38 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}, cores: {os.cpu_count()}, XLA CPU devices: {n_devices}")
     data = random_transitions(200_000)
     programs = {name: timed_program(name, args, data) for name in VARIANTS}
-    samples: dict[str, list[float]] = {name: [] for name in [*VARIANTS, "matmul 1024^3", "matmul 256^3"]}
+    programs["matmul 1024^3"] = matmul_loop(1024)
+    programs["matmul 256^3"] = matmul_loop(256)
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in programs}
     for _ in range(args.rounds):
         for name, once in programs.items():
             samples[name].append(once())
-        samples["matmul 1024^3"].append(matmul_gflops(1))
-        samples["matmul 256^3"].append(matmul_gflops(1, n=256))
-    med = {name: statistics.median(values) for name, values in samples.items()}
+    wall = {name: statistics.median(w for w, _ in values) for name, values in samples.items()}
+    cpu = {name: statistics.median(c for _, c in values) for name, values in samples.items()}
     flops = update_flops(args.batch_size)
-    full = med["full"]
-    eval_seconds = eval_hook_seconds(args.rounds)
-    print(f"matmul loops (median of {args.rounds}): {med['matmul 1024^3']:.1f} GFLOP/s at 1024^3, "
-          f"{med['matmul 256^3']:.1f} at 256^3; update {flops / 1e6:.1f} MFLOP")  # fmt: skip
-    print(f"{'variant':<18} {'ms/update':>9} {'share of full':>13} {'GFLOP/s':>8} {'of 1024^3':>9} {'of 256^3':>8}  what")
+    cores = len(os.sched_getaffinity(0))
+    # machine throughput from the loops: FLOPs per wall second, and FLOPs per CPU second times the cores
+    peak_wall = {n: 1 / wall[f"matmul {n}^3"] / 1e9 for n in (1024, 256)}
+    peak_cpu = {n: cores / cpu[f"matmul {n}^3"] / 1e9 for n in (1024, 256)}
+    print(
+        f"matmul loops (median of {args.rounds} rounds): {peak_wall[1024]:.1f} / {peak_wall[256]:.1f} GFLOP/s "
+        f"wall at 1024^3 / 256^3; {peak_cpu[1024]:.1f} / {peak_cpu[256]:.1f} per {cores} busy cores (CPU time); "
+        f"update {flops / 1e6:.1f} MFLOP"
+    )
+    print(f"{'variant':<20} {'wall ms':>8} {'share':>6} {'of 1024^3':>9} {'CPU ms':>7} {'share':>6} {'of 1024^3':>9} "
+          f"{'of 256^3':>8}  what")  # fmt: skip
     for name in VARIANTS:
-        t = med[name]
-        gflops = flops / t / 1e9
-        share = (full - t) / full
+        rate_wall, rate_cpu = flops / wall[name] / 1e9, cores * flops / cpu[name] / 1e9
         print(
-            f"{name:<18} {t * 1e3:>9.3f} {share:>13.1%} {gflops:>8.1f} {gflops / med['matmul 1024^3']:>9.1%} "
-            f"{gflops / med['matmul 256^3']:>8.1%}  {VARIANTS[name]}"
+            f"{name:<20} {wall[name] * 1e3:>8.3f} {(wall['full'] - wall[name]) / wall['full']:>6.1%} "
+            f"{rate_wall / peak_wall[1024]:>9.1%} {cpu[name] * 1e3:>7.3f} {(cpu['full'] - cpu[name]) / cpu['full']:>6.1%} "
+            f"{rate_cpu / peak_cpu[1024]:>9.1%} {rate_cpu / peak_cpu[256]:>8.1%}  {VARIANTS[name]}"
         )
+    eval_seconds = eval_hook_seconds(args.rounds)
     per_update = eval_seconds / args.eval_every
     print(
-        f"evaluation hook: {eval_seconds * 1e3:.1f} ms per evaluation, {per_update * 1e3:.3f} ms per update at "
-        f"--eval-every {args.eval_every} ({per_update / (full + per_update):.1%} of an update)"
+        f"evaluation hook (wall): {eval_seconds * 1e3:.1f} ms per evaluation, {per_update * 1e3:.3f} ms per update "
+        f"at --eval-every {args.eval_every} ({per_update / (wall['full'] + per_update):.1%} of an update)"
     )
     print(f"load average after: {os.getloadavg()}")
 

@@ -186,7 +186,8 @@ def run_sweep(
     device (`jax.shard_map`). A device trains `vmap_width` runs side by side (default `default_vmap_width`:
     1 on CPU) and its groups of them one after another (`lax.map`). Every process gets the whole result.
     Returns (train's outputs with leading axes (n_settings, n_seeds), timing) where timing has
-    compile_seconds and train_seconds.
+    compile_seconds, train_seconds and train_cpu_seconds (CPU time of this process while training, which
+    other jobs on the machine disturb less than wall time).
 
     Why one run at a time on CPU: under vmap, how many runs share a device changes XLA's fused program
     (a wider batch of the same ops), and with it the float rounding; a chaotic training loop turns that into
@@ -251,10 +252,10 @@ def run_sweep(
     ) as bar:
         _progress["bar"] = bar
         try:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             out = jax.block_until_ready(compiled(*args))
             jax.effects_barrier()
-            train_seconds = time.perf_counter() - t0
+            train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
         finally:
             _progress["bar"] = None
     if jax.process_count() > 1:
@@ -262,4 +263,5 @@ def run_sweep(
 
         out = multihost_utils.process_allgather(out, tiled=True)  # numpy, the whole result on every process
     out = jax.tree.map(lambda x: jnp.asarray(x[:n_runs].reshape(n_settings, n_seeds, *x.shape[1:])), out)
-    return out, {"compile_seconds": compile_seconds, "train_seconds": train_seconds}
+    timing = {"compile_seconds": compile_seconds, "train_seconds": train_seconds}
+    return out, {**timing, "train_cpu_seconds": train_cpu_seconds}
