@@ -11,7 +11,9 @@ d3rlpy is never a runtime dependency: it runs in a subprocess of a separate venv
     python3 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.13.0 d3rlpy==2.8.1
     uv run python benchmarks/bench_cql.py [--bench-python .bench-venv/bin/python]
 Timings on a shared machine swing widely: each figure is the median of --repeats runs; the load average
-is printed with them.
+is printed with them. The layout is run_sweep's (one host device per core, at most one per seed, each
+training its runs one after another); `CLEANSEPSIS_HOST_DEVICES=N` and `CLEANSEPSIS_VMAP_WIDTH=K` (K runs of
+a device side by side under one vmap) measure others, and each row prints the layout it ran on.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from cleansepsis import runs  # noqa: E402
 from cleansepsis.replay import Transitions  # noqa: E402
 
 OBS_DIM, N_ACTIONS, HIDDEN = 47, 25, (256, 256)
+CORES = len(os.sched_getaffinity(0))
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class Args:
     """d3rlpy updates per timed repeat."""
     batch_size: int = 256
     """Transitions per update, for both libraries (2048 is the batch the 100k-episode runs use)."""
+    vmap_widths: tuple[int, ...] = (0,)
+    """Runs a device trains side by side under one vmap; 0 = run_sweep's default (1 on CPU). Several
+    values are timed one after another for every seed count."""
 
 
 def random_transitions(n: int, seed: int = 0) -> Transitions:
@@ -90,8 +96,10 @@ def update_flops(batch: int, widths: tuple[int, ...] = (OBS_DIM, *HIDDEN, N_ACTI
     return 3 * forward + backward
 
 
-def matmul_gflops(repeats: int, n: int = 1024) -> float:
-    """float32 throughput of a jitted loop of n x n @ n x n matmuls (the same FLOPs for every n)."""
+def matmul_gflops(repeats: int, n: int = 1024) -> tuple[float, float]:
+    """float32 throughput of a jitted loop of n x n @ n x n matmuls (the same FLOPs for every n): GFLOP per
+    wall second, and per CPU second of this process times the usable cores (what the loop would reach with
+    every core to itself; other jobs on the machine disturb it less than wall time)."""
     loops = 20 * (1024 // n) ** 3
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
 
@@ -100,28 +108,38 @@ def matmul_gflops(repeats: int, n: int = 1024) -> float:
         return jax.lax.fori_loop(0, loops, lambda _, y: (y @ a) * (1.0 / n**0.5), x)
 
     jax.block_until_ready(chain(a))
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         jax.block_until_ready(chain(a))
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 * loops / statistics.median(times) / 1e9
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    flop = 2 * n**3 * loops / 1e9
+    return flop / statistics.median(walls), flop * CORES / statistics.median(cpus)
 
 
-def time_cql(data: Transitions, num_seeds: int, updates: int, repeats: int, batch: int) -> tuple[float, float]:
-    """(median compile seconds, median seed-updates per second) of cql.py's train for `num_seeds` seeds, run
-    the way cql.py runs it: runs.run_sweep (seeds split over the host devices). The first call is a warm-up."""
+def time_cql(
+    data: Transitions, num_seeds: int, updates: int, repeats: int, batch: int, vmap_width: int | None
+) -> tuple[float, float, float]:
+    """(median compile seconds, median seed-updates per second, the same per CPU second times the cores) of
+    cql.py's train for `num_seeds` seeds, run the way cql.py runs it: runs.run_sweep (the runs spread over
+    the host devices; `vmap_width` of them side by side, None for run_sweep's default). The first call is a
+    warm-up."""
     args = dataclasses.replace(
         cql.Args(), total_updates=updates, eval_every=updates, batch_size=batch, hidden=HIDDEN
     )
     train = cql.make_train(args, OBS_DIM, N_ACTIONS)
     _, hparams = runs.make_hparam_grid({"alpha": 1.0, "learning_rate": 1e-3, "gamma": 0.99})
     timings = [
-        runs.run_sweep(train, range(num_seeds), hparams, n_ticks=1, desc="cql", inputs=(data, None))[1]
+        runs.run_sweep(
+            train, range(num_seeds), hparams, n_ticks=1, desc="cql", inputs=(data, None), vmap_width=vmap_width
+        )[1]
         for _ in range(repeats + 1)
     ][1:]
     compile_seconds = statistics.median(t["compile_seconds"] for t in timings)
-    return compile_seconds, num_seeds * updates / statistics.median(t["train_seconds"] for t in timings)
+    wall = statistics.median(t["train_seconds"] for t in timings)
+    cpu = statistics.median(t["train_cpu_seconds"] for t in timings)
+    return compile_seconds, num_seeds * updates / wall, num_seeds * updates * CORES / cpu
 
 
 D3RLPY_SCRIPT = textwrap.dedent(
@@ -188,12 +206,13 @@ def main() -> None:
         f"XLA CPU devices: {n_devices}, jax {jax.__version__}"
     )
     data = random_transitions(args.transitions)
-    peak = matmul_gflops(args.repeats)
+    peak, peak_cpu = matmul_gflops(args.repeats)
     # the update's matmuls are 256 wide: a loop of 256^3 matmuls is the ceiling at that shape
-    peak_256 = matmul_gflops(args.repeats, n=256)
+    peak_256, peak_256_cpu = matmul_gflops(args.repeats, n=256)
     flops = update_flops(args.batch_size)
     print(
         f"float32 matmul throughput (JAX, jitted loop): {peak:.1f} GFLOP/s at 1024^3, {peak_256:.1f} at 256^3; "
+        f"per {CORES} busy cores (CPU time): {peak_cpu:.1f} / {peak_256_cpu:.1f}; "
         f"CQL update at batch {args.batch_size}: {flops / 1e6:.1f} MFLOP"
     )
     reference = time_d3rlpy(args)
@@ -204,16 +223,24 @@ def main() -> None:
         )
     rows = []
     for num_seeds in args.seeds:
-        compile_seconds, rate = time_cql(data, num_seeds, args.updates, args.repeats, args.batch_size)
-        gflops = rate * flops / 1e9
-        ratio = rate / reference["with_sampling"] if reference else float("nan")
-        rows.append((num_seeds, rate, ratio, gflops / peak, gflops / peak_256, compile_seconds))
+        for width in args.vmap_widths:
+            compile_seconds, rate, rate_cpu = time_cql(
+                data, num_seeds, args.updates, args.repeats, args.batch_size, width or None
+            )
+            gflops = rate * flops / 1e9
+            ratio = rate / reference["with_sampling"] if reference else float("nan")
+            layout = runs.device_info()["sweep"]
+            shares = (gflops / peak, gflops / peak_256, rate_cpu * flops / 1e9 / peak_cpu)
+            rows.append((num_seeds, rate, ratio, *shares, compile_seconds, layout))
     print(
-        f"{'seeds':>5}  {'seed-updates/s':>14}  {'vs d3rlpy':>9}  {'of 1024^3':>9}  {'of 256^3':>8}  {'compile s':>9}"
+        f"{'seeds':>5}  {'seed-updates/s':>14}  {'vs d3rlpy':>9}  {'of 1024^3':>9}  {'of 256^3':>8}  "
+        f"{'CPU-time of 1024^3':>18}  {'compile s':>9}  layout"
     )
-    for num_seeds, rate, ratio, share, share_256, compile_seconds in rows:
+    for num_seeds, rate, ratio, share, share_256, share_cpu, compile_seconds, layout in rows:
         print(
-            f"{num_seeds:>5}  {rate:>14.1f}  {ratio:>8.2f}x  {share:>9.1%}  {share_256:>8.1%}  {compile_seconds:>9.1f}"
+            f"{num_seeds:>5}  {rate:>14.1f}  {ratio:>8.2f}x  {share:>9.1%}  {share_256:>8.1%}  {share_cpu:>18.1%}  "
+            f"{compile_seconds:>9.1f}  {layout['n_devices']} device(s) x {layout['runs_per_device']} runs, "
+            f"vmap width {layout['vmap_width']}"
         )
     print("goals: >= 5x d3rlpy (with its sampler), >= 85% of matmul throughput, compile < 10 s")
     print(f"load average after: {os.getloadavg()}")

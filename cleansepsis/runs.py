@@ -30,10 +30,8 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import platform
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
@@ -48,6 +46,17 @@ import polars as pl
 from cleansepsis.checkpoint import save_checkpoint
 from cleansepsis.io import OutputExistsError, atomic_dir, write_json
 from cleansepsis.replay import Replay, ReplayError, Transitions, load_replay
+
+# the sweep and its devices live in cleansepsis.sweep; learners reach them as runs.*
+from cleansepsis.sweep import (  # noqa: F401
+    DISTRIBUTED_VARIABLE,
+    HOST_DEVICES_VARIABLE,
+    device_info,
+    is_main_process,
+    run_sweep,
+    tick,
+    use_host_devices,
+)
 
 ICU_SEPSIS_SOURCE = "icu-sepsis"
 EVAL_KINDS = ("greedy", "softmax")
@@ -69,30 +78,6 @@ class NonFiniteError(RunError):
 
 
 USER_ERRORS = (RunError, ReplayError, OutputExistsError, FileNotFoundError)
-
-
-HOST_DEVICES_VARIABLE = "CLEANSEPSIS_HOST_DEVICES"
-
-
-def use_host_devices(num_seeds: int | None = None) -> int:
-    """Split the CPU into one XLA device per core (at most one per seed) so that run_sweep runs the seeds
-    side by side: on 2 cores that is about 1.4x the seed-updates per second of one device running the whole
-    vmap (benchmarks/bench_cql.py). One seed keeps one device, which uses every core for its matmuls.
-    `CLEANSEPSIS_HOST_DEVICES=N` overrides the count. It only takes effect before JAX's first operation;
-    after that it leaves JAX as it is. Returns the number of CPU devices asked for."""
-    raw = os.environ.get(HOST_DEVICES_VARIABLE, "")
-    try:
-        cores = len(os.sched_getaffinity(0))
-        wanted = int(raw) if raw else cores if num_seeds is None else max(1, min(cores, num_seeds))
-    except ValueError:
-        raise RunError(f"{HOST_DEVICES_VARIABLE} must be a whole number, got {raw!r}") from None
-    if wanted < 1:
-        raise RunError(f"{HOST_DEVICES_VARIABLE} must be at least 1, got {wanted}")
-    try:
-        jax.config.update("jax_num_cpu_devices", wanted)
-    except RuntimeError:  # JAX already ran something: its devices are fixed
-        return len(jax.devices("cpu"))
-    return wanted
 
 
 def cli_main(main: Callable[[], None]) -> None:
@@ -253,89 +238,6 @@ def exact_evaluations(
 
 
 # --------------------------------------------------------------------------------------------------
-# Compiled sweep with a progress bar
-
-_progress: dict[str, Any] = {"bar": None}
-
-
-def _advance(value: Any = None) -> None:
-    bar = _progress["bar"]
-    if bar is not None:
-        if value is not None:
-            bar.set_postfix_str(f"last return {float(value):.4f}", refresh=False)
-        bar.update(1)
-
-
-def tick(value: jnp.ndarray | None = None) -> None:
-    """Advance the progress bar by one evaluation; call once per outer-scan step inside train. With a
-    scalar `value` (e.g. the exact return), the bar also shows the latest one."""
-    if value is None:
-        jax.debug.callback(_advance)
-    else:
-        jax.debug.callback(_advance, value)
-
-
-def run_sweep(
-    train: Callable[[jax.Array, dict], Any],
-    seeds: Sequence[int],
-    hparams: dict[str, jnp.ndarray],
-    n_ticks: int,
-    desc: str = "training",
-    inputs: Any = None,
-) -> tuple[Any, dict[str, float]]:
-    """Compile `train` once for all settings x seeds, run it with a progress bar, and time both.
-
-    `inputs` (optional): a pytree of arrays (the replay, env params) passed as `train(key, hparams, inputs)`
-    rather than closed over; closed-over arrays become constants in the program, and tens of megabytes of
-    constants make XLA compile slowly. With several devices (see use_host_devices) the seeds are split over
-    them, padded with extra seeds to equal blocks that are dropped afterwards. Returns (train's outputs with
-    leading axes (n_settings, n_seeds), timing) where timing has compile_seconds and train_seconds."""
-    from tqdm.auto import tqdm
-
-    keys, n_seeds = seed_keys(seeds), len(seeds)
-    devices = jax.local_devices()
-    split_seeds = len(devices) > 1 and n_seeds > 1
-    if split_seeds:
-        # pad with seeds past the last so that every device gets an equal block (padding runs are dropped)
-        padded = -(-n_seeds // len(devices)) * len(devices)
-        if padded > n_seeds:
-            extra = seed_keys(range(max(seeds) + 1, max(seeds) + 1 + padded - n_seeds))
-            keys = jnp.concatenate([keys, extra])
-    n_settings = int(next(iter(hparams.values())).shape[0]) if hparams else 1
-    n_run_seeds = int(keys.shape[0])
-    # one flat axis of (setting, seed) runs, setting slowest: a single vmap compiles to plainer batched
-    # matmuls than nested ones, and it is the axis split over the devices
-    flat_keys = jnp.tile(keys, (n_settings, 1))
-    flat_hparams = {name: jnp.repeat(value, n_run_seeds) for name, value in hparams.items()}
-    if split_seeds:
-        mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
-        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
-        flat_keys, flat_hparams = jax.device_put((flat_keys, flat_hparams), split)
-        inputs = jax.device_put(inputs, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    if inputs is None:
-        over_runs = jax.vmap(train, in_axes=(0, 0))
-        args = (flat_keys, flat_hparams)
-    else:
-        over_runs = jax.vmap(train, in_axes=(0, 0, None))
-        args = (flat_keys, flat_hparams, inputs)
-    t0 = time.perf_counter()
-    compiled = jax.jit(over_runs).lower(*args).compile()
-    compile_seconds = time.perf_counter() - t0
-    total = n_ticks * n_settings * n_run_seeds
-    with tqdm(total=total, desc=desc, unit="eval", file=sys.stderr, mininterval=1.0, leave=False) as bar:
-        _progress["bar"] = bar
-        try:
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(compiled(*args))
-            jax.effects_barrier()
-            out = jax.tree.map(lambda x: x.reshape(n_settings, n_run_seeds, *x.shape[1:])[:, :n_seeds], out)
-            train_seconds = time.perf_counter() - t0
-        finally:
-            _progress["bar"] = None
-    return out, {"compile_seconds": compile_seconds, "train_seconds": train_seconds}
-
-
-# --------------------------------------------------------------------------------------------------
 # Checks and reporting
 
 
@@ -416,16 +318,6 @@ def versions() -> dict[str, str]:
         except importlib_metadata.PackageNotFoundError:
             out[pkg] = "unknown"
     return out
-
-
-def device_info() -> dict[str, Any]:
-    devices = jax.devices()
-    return {
-        "platform": devices[0].platform,
-        "device_kind": devices[0].device_kind,
-        "n_devices": len(devices),
-        "machine": platform.machine(),
-    }
 
 
 def args_to_dict(args: Any) -> dict[str, Any]:
