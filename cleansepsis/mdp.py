@@ -1004,3 +1004,8 @@ def register(env_id: str, entry_point: str | Callable[..., gymnasium.Env]) -> No
     """Register an env id with Gymnasium (idempotent)."""
     if env_id not in gymnasium.registry:
         gymnasium.register(id=env_id, entry_point=entry_point)
+
+
+# Every MDP's id, registered when the core is imported (entry points load their module lazily).
+register("CleanSepsis/SepsisSim-v0", "cleansepsis.sepsis_sim:SepsisSimEnv")
+register("CleanSepsis/CohortMDP-v0", "cleansepsis.cohort_mdp:CohortMDPEnv")
