@@ -897,7 +897,7 @@ def params_for_replay(meta: dict[str, Any]) -> MDPParams | None:
     without known dynamics (MIMIC). Learners and evaluation use this to evaluate policies exactly."""
     env_id = meta.get("env_id")
     args = meta.get("args") or {}
-    if env_id == "CleanSepsis/ICUSepsis-v0" or meta.get("source") == "icu-sepsis":
+    if env_id == "CleanSepsis/ICUSepsis-v0" or (env_id is None and meta.get("source") == "icu-sepsis"):
         from cleansepsis import env
 
         return env.load_params()

@@ -613,6 +613,3 @@ class SepsisSimEnv(mdp.FiniteMDPEnv):
         max_steps: int = HORIZON,
     ):
         super().__init__(load_params(version, observation, start, obs_mode, max_steps))
-
-
-
