@@ -62,9 +62,17 @@ def test_counting_uses_the_next_row_and_the_outcome():
     # episode 7: clusters 0 -> 1 -> (terminated, reward 1: survival); episode 9: 1 -> truncated into next_obs 0
     cluster = np.array([0, 1, 1])
     next_cluster = np.array([1, 0, 0])
-    counted = C.count_transitions(cluster, next_cluster, np.array([0, 1, 0]), np.array([7, 7, 9]),
-                                  np.array([0, 1, 0]), np.array([0.0, 1.0, 0.0]), np.array([False, True, False]),
-                                  k=2, n_actions=2)
+    counted = C.count_transitions(
+        cluster,
+        next_cluster,
+        np.array([0, 1, 0]),
+        np.array([7, 7, 9]),
+        np.array([0, 1, 0]),
+        np.array([0.0, 1.0, 0.0]),
+        np.array([False, True, False]),
+        k=2,
+        n_actions=2,
+    )
     tx = counted["counts"]
     assert tx[0, 0, 1] == 1 and tx[1, 1, 3] == 1 and tx[1, 0, 0] == 1 and tx.sum() == 3
     assert counted["starts"].tolist() == [1.0, 1.0]
@@ -102,7 +110,10 @@ def test_rebuilding_icu_sepsis_from_its_clinician_replay(tmp_path, cohort_icu_di
     assert not (arrays["admissible_mask"][: len(ids)] & ~E.shipped_arrays()["admissible_mask"][ids]).any()
     rebuilt = mdp.reference_values(params)
     original = E.reference_values(E.load_params())
-    assert abs(rebuilt["clinician"]["expected_return"] - original["clinician_renormalised"]["expected_return"]) < 0.03
+    assert (
+        abs(rebuilt["clinician"]["expected_return"] - original["clinician_renormalised"]["expected_return"])
+        < 0.03
+    )
     replay = load_replay(cohort_icu_dir / C.REPLAY_FILE)
     assert replay.meta["env_id"] == C.ENV_ID
     loaded = mdp.params_for_replay(replay.meta)
@@ -117,6 +128,20 @@ def test_rebuilding_icu_sepsis_from_its_clinician_replay(tmp_path, cohort_icu_di
 def test_cli_errors_are_one_line(tmp_path, cohort_icu_replay, capsys):
     import data_prep
 
-    assert data_prep.main(["mdp", "--replay", str(cohort_icu_replay), "--out", str(tmp_path / "m"),
-                           "--cluster", "state-index", "--threshold", "100000"]) == 1
+    assert (
+        data_prep.main(
+            [
+                "mdp",
+                "--replay",
+                str(cohort_icu_replay),
+                "--out",
+                str(tmp_path / "m"),
+                "--cluster",
+                "state-index",
+                "--threshold",
+                "100000",
+            ]
+        )
+        == 1
+    )
     assert "error:" in capsys.readouterr().err and not (tmp_path / "m").exists()

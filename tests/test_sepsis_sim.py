@@ -31,8 +31,12 @@ def test_kernel_equals_the_rules_per_factor_and_jointly(version):
                 marginal = np.zeros(S.LEVELS[vital])
                 for nxt, p in dist.items():
                     marginal[nxt[position]] += p
-                np.testing.assert_allclose(marginal, kernels[vital][state[position]], atol=1e-15,
-                                           err_msg=f"{version} {vital} s={s} a={action}")
+                np.testing.assert_allclose(
+                    marginal,
+                    kernels[vital][state[position]],
+                    atol=1e-15,
+                    err_msg=f"{version} {vital} s={s} a={action}",
+                )
 
 
 def test_spot_values_counts_and_start_distribution():
@@ -66,7 +70,16 @@ def test_published_numbers():
     assert S.tang_wiens_optimum("v2") == pytest.approx(0.6775418, abs=5e-8)
     assert S.tang_wiens_optimum("v2", "os") == pytest.approx(0.7363, abs=5e-5)
     live = ~np.logical_or(*S.terminal_classes())
-    assert np.bincount(S.physician_actions("v2")[live], minlength=8).tolist() == [23, 0, 54, 40, 0, 0, 353, 136]
+    assert np.bincount(S.physician_actions("v2")[live], minlength=8).tolist() == [
+        23,
+        0,
+        54,
+        40,
+        0,
+        0,
+        353,
+        136,
+    ]
     master = S.reference_values(S.load_params("original"))
     assert master["random"]["expected_return"] == pytest.approx(-0.7588, abs=5e-5)
     assert master["greedy_clinician"]["expected_return"] == pytest.approx(0.4130, abs=5e-5)
@@ -90,8 +103,15 @@ def test_float32_jax_evaluation_and_observation_policies():
     lifted = np.asarray(mdp.observation_policy(obs_policy, params))
     np.testing.assert_array_equal(lifted[:720], lifted[720:])
     terminal = np.asarray(params.terminal)
-    want = mdp.np_policy_evaluation(lifted.astype(np.float64), S.transition_matrix("v2"), S.start_distribution("os"),
-                                    S.reward_next(), terminal, 1.0, 20)
+    want = mdp.np_policy_evaluation(
+        lifted.astype(np.float64),
+        S.transition_matrix("v2"),
+        S.start_distribution("os"),
+        S.reward_next(),
+        terminal,
+        1.0,
+        20,
+    )
     got = mdp.policy_evaluation(lifted, params)
     assert float(got[0]) == pytest.approx(want[0], abs=1e-5)
     p144 = S.load_params(observation="obs144")
@@ -111,8 +131,9 @@ def test_python_rules_and_jax_sampler_match_the_kernel():
     live = np.flatnonzero(~np.asarray(params.terminal))
     for s, action in ((int(live[0]), 0), (int(live[100]), 5), (int(live[400]), 7), (int(live[-1]), 3)):
         expected = tx[s, action] * n
-        python = np.bincount([S.encode(*S.rules_step(S.decode(s), action, rng.random)) for _ in range(n)],
-                             minlength=S.N_STATES)
+        python = np.bincount(
+            [S.encode(*S.rules_step(S.decode(s), action, rng.random)) for _ in range(n)], minlength=S.N_STATES
+        )
         state = mdp.EnvState(state_index=np.int32(s), time=np.int32(0))
         drawn = np.asarray(step(jax.random.split(jax.random.key(s), n), state, action, params)[1].state_index)
         jax_counts = np.bincount(drawn, minlength=S.N_STATES)
@@ -137,7 +158,14 @@ def test_sepsis_sim_replay_cli(tmp_path):
     assert params is not None and params.spec[:3] == ("sepsis-sim", "v2", "obs720")
     data = replay.split("train")
     physician = S.physician_policy("v2")
-    np.testing.assert_allclose(np.asarray(data.behavior_prob),
-                               physician[np.asarray(data.state_index), np.asarray(data.action)], atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(data.obs), np.asarray(params.state_vectors)[np.asarray(data.state_index)])
-    assert data_prep.main(["sepsis-sim", "--episodes", "300", "--seed", "1", "--out", str(out)]) == 1  # exists
+    np.testing.assert_allclose(
+        np.asarray(data.behavior_prob),
+        physician[np.asarray(data.state_index), np.asarray(data.action)],
+        atol=1e-6,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(data.obs), np.asarray(params.state_vectors)[np.asarray(data.state_index)]
+    )
+    assert (
+        data_prep.main(["sepsis-sim", "--episodes", "300", "--seed", "1", "--out", str(out)]) == 1
+    )  # exists
