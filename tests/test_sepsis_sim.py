@@ -169,3 +169,15 @@ def test_sepsis_sim_replay_cli(tmp_path):
     assert (
         data_prep.main(["sepsis-sim", "--episodes", "300", "--seed", "1", "--out", str(out)]) == 1
     )  # exists
+
+
+def test_env_sepsis_cli_baselines_for_the_simulator(capsys):
+    import json
+
+    import env_sepsis
+
+    assert env_sepsis.main(["baselines", "--json", "--mdp", "sepsis-sim"]) == 0
+    (table,) = json.loads(capsys.readouterr().out).values()
+    assert table["clinician"]["expected_return"] == pytest.approx(0.4334, abs=5e-5)
+    assert table["clinician"]["expected_return_float32"] == pytest.approx(0.4334, abs=1e-4)
+    assert table["optimal"]["expected_return_float32"] == pytest.approx(0.5808, abs=1e-4)
