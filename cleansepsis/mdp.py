@@ -905,7 +905,9 @@ def params_for_replay(meta: dict[str, Any]) -> MDPParams | None:
         from cleansepsis import sepsis_sim
 
         return sepsis_sim.load_params(
-            version=args.get("version", "v2"), observation=args.get("observation", "obs720")
+            version=args.get("version", "v2"),
+            observation=args.get("observation", "obs720"),
+            start=args.get("start", "os"),
         )
     if env_id == "CleanSepsis/CohortMDP-v0":
         from cleansepsis import cohort_mdp

@@ -478,6 +478,14 @@ def physician_policy(version: str = "v2", soft: bool = True) -> np.ndarray:
 
 
 @functools.cache
+def _device_tx(version: str):
+    """The float32 kernel on the device, shared by every observation/start variant of a version."""
+    import jax.numpy as jnp
+
+    return jnp.asarray(transition_matrix(version), jnp.float32)
+
+
+@functools.cache
 def _tables(version: str, start: str) -> dict[str, np.ndarray]:
     return mdp.numpy_tables(transition_matrix(version), start_distribution(start))
 
@@ -506,7 +514,7 @@ def _load_params(version: str, observation: str, start: str, obs_mode: str, max_
     death, discharge = terminal_classes()
     obs_index, n_obs = obs_index_of(observation)
     return mdp.make_params(
-        tx=transition_matrix(version),
+        tx=_device_tx(version),
         start_dist=start_distribution(start),
         reward_next=reward_next(),
         terminal=death | discharge,
