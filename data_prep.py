@@ -1,6 +1,9 @@
 """Build cleansepsis replays (parquet, see cleansepsis/replay.py) from a data source.
 
     python data_prep.py icu-sepsis --episodes 10000 --seed 0 --out data/icu_sepsis.parquet
+    python data_prep.py sepsis-sim --episodes 10000 --seed 0 --out data/sepsis_sim.parquet
+    python data_prep.py mdp --replay data/mimic/replay.parquet --states 100 --threshold 5 --out data/mdp
+    python data_prep.py export-minari data/icu_sepsis.parquet --out data/minari
 
 Each subcommand is an Args dataclass (its fields become the flags) and a function that builds and writes
 the replay; adding a source is one entry in SUBCOMMANDS.
@@ -14,8 +17,10 @@ from typing import Any
 
 import tyro
 
+from cleansepsis.cohort_mdp import CohortMdpArgs, build_cohort_mdp
 from cleansepsis.icu_replay import IcuSepsisArgs, build_icu_sepsis
 from cleansepsis.io import OutputExistsError
+from cleansepsis.mdp_replay import SepsisSimArgs, build_sepsis_sim
 from cleansepsis.mimic.pipeline import MimicArgs
 from cleansepsis.mimic.pipeline import run as build_mimic
 from cleansepsis.mimic.synth import SynthArgs
@@ -28,6 +33,8 @@ SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "icu-sepsis": (IcuSepsisArgs, build_icu_sepsis),
     "mimic": (MimicArgs, build_mimic),
     "synth": (SynthArgs, build_synth),
+    "sepsis-sim": (SepsisSimArgs, build_sepsis_sim),
+    "mdp": (CohortMdpArgs, build_cohort_mdp),
     "export-minari": (ExportMinariArgs, export_minari),
 }
 

@@ -1,10 +1,14 @@
 """ICU-Sepsis in JAX: the env API, its registration with Gymnasium, and a small CLI.
 
-    python env_sepsis.py baselines [--json]   # exact return and length of the reference policies
-    python env_sepsis.py bench [--json]       # steps/s of the JAX env vs the reference icu-sepsis env
+    python env_sepsis.py baselines [--json] [--mdp NAME|DIR]  # exact return and length of reference policies
+    python env_sepsis.py bench [--json] [--mdp NAME|DIR]      # steps/s of the JAX env vs a Python reference
+
+--mdp: 'icu-sepsis' (default), 'sepsis-sim' (Oberst-Sontag, sim-v2), 'sepsis-sim-original' (its master
+dynamics, glucose bug) or a cohort MDP directory written by `data_prep.py mdp`.
 
 Importing this file (or `cleansepsis.env`) registers "CleanSepsis/ICUSepsis-v0" with Gymnasium. The
-implementation lives in cleansepsis/env.py; this file re-exports it.
+implementation lives in cleansepsis/mdp.py (the core) and cleansepsis/env.py (ICU-Sepsis); this file
+re-exports the ICU-Sepsis API.
 """
 
 from __future__ import annotations
@@ -130,23 +134,55 @@ def baseline_table() -> dict[str, dict[str, dict[str, float]]]:
     return table
 
 
-def baselines(json_output: JsonFlag = False) -> None:
-    """Exact expected return (= survival probability, gamma 1) and mean episode length of the reference
-    policies under both inadmissible-action strategies.
+def load_mdp(name: str, **options) -> EnvParams:
+    """Params of an MDP named on the command line (see the module docstring)."""
+    from cleansepsis import mdp
+
+    if name == "sepsis-sim-original":
+        return mdp.load("sepsis-sim", version="original", **options)
+    return mdp.load(name, **options)
+
+
+def mdp_baseline_table(name: str) -> dict[str, dict[str, dict[str, float]]]:
+    """The baseline table of another MDP than ICU-Sepsis: {'': policy -> expected_return, mean_length,
+    expected_return_float32}; for the simulator also the published checks."""
+    from cleansepsis import mdp
+
+    params = load_mdp(name)
+    exact = mdp.reference_values(params)
+    policies = {
+        "random": random_policy(params),
+        "random_admissible": random_policy(params, admissible_only=True),
+        "clinician": clinician_policy(params, renormalise=False),
+        "clinician_renormalised": clinician_policy(params),
+        "greedy_clinician": greedy_admissible(clinician_policy(params), params.admissible_mask),
+    }
+    returns, _ = jax.jit(policy_evaluation)(jnp.stack(list(policies.values())), params)
+    for key, value in zip(policies, np.asarray(returns), strict=True):
+        exact[key]["expected_return_float32"] = float(value)
+    _, v = jax.jit(value_iteration)(params)
+    exact["optimal"]["expected_return_float32"] = float(params.start_dist @ v)
+    return {params.spec[0] if len(params.spec) < 2 else "/".join(map(str, params.spec)): exact}
+
+
+def baselines(json_output: JsonFlag = False, mdp: str = "icu-sepsis") -> None:
+    """Exact expected return and mean episode length of the reference policies (ICU-Sepsis: under both
+    inadmissible-action strategies; gamma 1, so the return is the survival probability).
 
     Args:
         json_output: print JSON instead of a table.
+        mdp: 'icu-sepsis', 'sepsis-sim', 'sepsis-sim-original' or a cohort MDP directory.
     """
-    table = baseline_table()
+    table = baseline_table() if mdp == "icu-sepsis" else mdp_baseline_table(mdp)
     if json_output:
         print(json.dumps(table, indent=2, sort_keys=True))
         return
     for strategy, rows in table.items():
-        print(f"strategy '{strategy}'")
+        print(f"strategy '{strategy}'" if mdp == "icu-sepsis" else f"MDP {strategy}")
         print(f"  {'policy':42s} {'return':>9s} {'length':>7s} {'float32 jit':>12s}")
         for name, row in rows.items():
             print(
-                f"  {POLICY_LABELS[name]:42s} {row['expected_return']:9.6f} {row['mean_length']:7.3f} "
+                f"  {POLICY_LABELS.get(name, name):42s} {row['expected_return']:9.6f} {row['mean_length']:7.3f} "
                 f"{row['expected_return_float32']:12.6f}"
             )
 
@@ -166,7 +202,7 @@ def _jax_rollout(key, state: EnvState, params: EnvParams, n_steps: int, batched:
         state, reward_sum, obs_sum = carry
         action_key, step_key = jax.random.split(step_key)
         batch = state.state_index.shape[0]
-        actions = jax.random.randint(action_key, (batch,), 0, N_ACTIONS)
+        actions = jax.random.randint(action_key, (batch,), 0, params.n_actions)
         if batched:
             obs, state, reward, *_ = step_autoreset_batch(step_key, state, actions, params)
         else:
@@ -177,20 +213,31 @@ def _jax_rollout(key, state: EnvState, params: EnvParams, n_steps: int, batched:
 
     zero = jnp.zeros((), jnp.float32)
     obs_zero = jnp.zeros((), jnp.int32 if params.obs_mode == "index" else jnp.float32)
-    (state, reward_sum, obs_sum), _ = jax.lax.scan(body, (state, zero, obs_zero), jax.random.split(key, n_steps))
+    (state, reward_sum, obs_sum), _ = jax.lax.scan(
+        body, (state, zero, obs_zero), jax.random.split(key, n_steps)
+    )
     return state, reward_sum, obs_sum
 
 
-def jax_bench_runner(n_envs: int, n_steps: int, obs_mode: str = "index", batched: bool = True):
+def jax_bench_runner(
+    n_envs: int,
+    n_steps: int,
+    obs_mode: str = "index",
+    batched: bool = True,
+    mdp: str = "icu-sepsis",
+    prng: str = "threefry2x32",
+):
     """A function that times one run of the JAX env and returns its steps per second (compiled here)."""
-    params = load_params(obs_mode=obs_mode)
+    params = load_params(obs_mode=obs_mode) if mdp == "icu-sepsis" else load_mdp(mdp, obs_mode=obs_mode)
     _, state = reset_batch(jax.random.key(0), params, n_envs)
-    jax.block_until_ready(_jax_rollout(jax.random.key(1), state, params, n_steps, batched))
+    jax.block_until_ready(_jax_rollout(jax.random.key(1, impl=prng), state, params, n_steps, batched))
     runs = iter(range(2, 1 << 30))
 
     def run() -> float:
         start = time.perf_counter()
-        jax.block_until_ready(_jax_rollout(jax.random.key(next(runs)), state, params, n_steps, batched))
+        jax.block_until_ready(
+            _jax_rollout(jax.random.key(next(runs), impl=prng), state, params, n_steps, batched)
+        )
         return n_envs * n_steps / (time.perf_counter() - start)
 
     return run
@@ -198,8 +245,10 @@ def jax_bench_runner(n_envs: int, n_steps: int, obs_mode: str = "index", batched
 
 def _reference_env_class():
     """icu_sepsis.envs.sepsis.ICUSepsisEnv, imported with its legacy-gym warnings silenced."""
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(
-        io.StringIO()
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stderr(io.StringIO()),
+        contextlib.redirect_stdout(io.StringIO()),
     ):
         warnings.simplefilter("ignore")
         from icu_sepsis.envs.sepsis import ICUSepsisEnv as ReferenceEnv
@@ -225,13 +274,62 @@ def reference_bench_runner(n_steps: int):
     return run
 
 
-def bench_results(n_envs: int, n_steps: int, repeats: int, reference_steps: int) -> dict[str, float]:
-    """Medians of `repeats` interleaved timed runs of each env in this one process, and their ratios."""
+def python_rules_bench_runner(n_steps: int, version: str):
+    """Times the plain per-step Python implementation of the simulator's rules (random actions)."""
+    from cleansepsis import sepsis_sim
+
+    def run() -> float:
+        start = time.perf_counter()
+        sepsis_sim.python_rollout_steps(n_steps, seed=0, version=version)
+        return n_steps / (time.perf_counter() - start)
+
+    return run
+
+
+def gymnasium_bench_runner(n_steps: int, mdp: str):
+    """Times the core's Gymnasium class (numpy alias sampling, Python loop, random actions)."""
+    from cleansepsis.mdp import FiniteMDPEnv
+
+    env = FiniteMDPEnv(load_mdp(mdp, obs_mode="index"))
+    actions = np.random.default_rng(0).integers(0, env.action_space.n, size=n_steps)
+    env.reset(seed=0)
+
+    def run() -> float:
+        env.reset()
+        start = time.perf_counter()
+        for action in actions:
+            _, _, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
+                env.reset()
+        return n_steps / (time.perf_counter() - start)
+
+    return run
+
+
+def bench_results(
+    n_envs: int,
+    n_steps: int,
+    repeats: int,
+    reference_steps: int,
+    mdp: str = "icu-sepsis",
+    prng: str = "threefry2x32",
+) -> dict[str, float]:
+    """Medians of `repeats` interleaved timed runs of each env in this one process, and their ratios. The
+    reference: the icu-sepsis package's env (ICU-Sepsis), the plain-Python rules (the simulator) or the
+    core's Gymnasium class (a cohort MDP)."""
+    if mdp == "icu-sepsis":
+        reference = reference_bench_runner(reference_steps)
+    elif mdp.startswith("sepsis-sim"):
+        reference = python_rules_bench_runner(
+            reference_steps, "original" if mdp.endswith("original") else "v2"
+        )
+    else:
+        reference = gymnasium_bench_runner(reference_steps, mdp)
     runners = {
-        "reference_steps_per_s": reference_bench_runner(reference_steps),
-        "jax_batch_index_steps_per_s": jax_bench_runner(n_envs, n_steps, "index", batched=True),
-        "jax_batch_vector_steps_per_s": jax_bench_runner(n_envs, n_steps, "vector", batched=True),
-        "jax_vmap_keys_index_steps_per_s": jax_bench_runner(n_envs, n_steps, "index", batched=False),
+        "reference_steps_per_s": reference,
+        "jax_batch_index_steps_per_s": jax_bench_runner(n_envs, n_steps, "index", True, mdp, prng),
+        "jax_batch_vector_steps_per_s": jax_bench_runner(n_envs, n_steps, "vector", True, mdp, prng),
+        "jax_vmap_keys_index_steps_per_s": jax_bench_runner(n_envs, n_steps, "index", False, mdp, prng),
     }
     # Interleaved rounds, so that a change in the machine's load hits every variant alike.
     rates: dict[str, list[float]] = {name: [] for name in runners}
@@ -244,7 +342,7 @@ def bench_results(n_envs: int, n_steps: int, repeats: int, reference_steps: int)
     for name in [k for k in result if k.startswith("jax_")]:
         result[name.replace("_steps_per_s", "_ratio")] = result[name] / reference
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    result.update(n_envs=n_envs, n_steps=n_steps, repeats=repeats, load_average_1min=load)
+    result.update(n_envs=n_envs, n_steps=n_steps, repeats=repeats, load_average_1min=load, mdp=mdp, prng=prng)
     return result
 
 
@@ -254,6 +352,8 @@ def bench(
     n_steps: int = 500,
     repeats: int = 5,
     reference_steps: int = 20_000,
+    mdp: str = "icu-sepsis",
+    prng: str = "threefry2x32",
 ) -> None:
     """Steps per second of the JAX env (a batch of auto-resetting envs in `lax.scan`, random actions)
     and of the reference icu-sepsis env (Python loop, random actions), measured in the same process in
@@ -265,13 +365,22 @@ def bench(
         n_steps: scan steps per timed JAX run.
         repeats: timed runs of each env (the median is reported).
         reference_steps: steps per timed run of the reference env.
+        mdp: 'icu-sepsis' (reference: the icu-sepsis package's env), 'sepsis-sim' / 'sepsis-sim-original'
+            (reference: the plain per-step Python rules) or a cohort MDP directory (reference: the
+            Gymnasium class).
+        prng: jax PRNG implementation of the JAX runs: 'threefry2x32' (jax's default) or 'rbg' (XLA's
+            RngBitGenerator; about 2x faster on CPU here).
     """
-    result = bench_results(n_envs, n_steps, repeats, reference_steps)
+    result = bench_results(n_envs, n_steps, repeats, reference_steps, mdp, prng)
     if json_output:
         print(json.dumps(result, indent=2, sort_keys=True))
         return
     labels = {
-        "reference": "reference icu-sepsis env, Python loop",
+        "reference": "reference icu-sepsis env, Python loop"
+        if mdp == "icu-sepsis"
+        else (
+            "plain Python rules, per step" if mdp.startswith("sepsis-sim") else "Gymnasium class, Python loop"
+        ),
         "jax_batch_index": f"JAX step_autoreset_batch, {n_envs} envs, obs index",
         "jax_batch_vector": f"JAX step_autoreset_batch, {n_envs} envs, obs vector",
         "jax_vmap_keys_index": f"JAX vmap(step_autoreset) over keys, {n_envs} envs, obs index",
@@ -279,7 +388,9 @@ def bench(
     for key, label in labels.items():
         ratio = "" if key == "reference" else f"  ({result[key + '_ratio']:.0f}x)"
         print(f"{label:58s} {result[key + '_steps_per_s']:>12,.0f} steps/s{ratio}")
-    print(f"medians of {repeats} runs in this process; 1-minute load average {result['load_average_1min']:.1f}")
+    print(
+        f"medians of {repeats} runs in this process; 1-minute load average {result['load_average_1min']:.1f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
