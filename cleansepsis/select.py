@@ -372,13 +372,14 @@ def score_tabular(
     wanted[_top(values, fqe_interval_top)] = True
     wanted[_top(estimate["wis"], shortlist)] = True
     chosen = np.flatnonzero(wanted)
-    refits = np.concatenate([
-        np.asarray(_fqe_refits(model, tables[chosen[i:i + chunk]], first_probs[chosen[i:i + chunk]], float(gamma),
-                               counts[:fqe_boot]))
-        for i in range(0, len(chosen), chunk)
-    ])  # fmt: skip
     lows["fqe"], highs["fqe"] = np.full(n_cand, np.nan), np.full(n_cand, np.nan)
-    lows["fqe"][chosen], highs["fqe"][chosen] = _intervals(refits)
+    if len(chosen) and fqe_boot > 0:
+        refits = np.concatenate([
+            np.asarray(_fqe_refits(model, tables[chosen[i:i + chunk]], first_probs[chosen[i:i + chunk]],
+                                   float(gamma), counts[:fqe_boot]))
+            for i in range(0, len(chosen), chunk)
+        ])  # fmt: skip
+        lows["fqe"][chosen], highs["fqe"][chosen] = _intervals(refits)
     kind = (f"tabular (one-hot state_index); intervals refit FQE on {min(fqe_boot, n_boot)} episode resamples, for "
             f"the {len(chosen)} candidates among the {fqe_interval_top} highest FQE and {shortlist} highest WIS "
             "estimates")  # fmt: skip
@@ -541,8 +542,27 @@ def exact_values(tables: np.ndarray, mask: np.ndarray, epsilon: float) -> tuple[
 # The command
 
 
+@dataclass
+class Scored:
+    """Everything scoring produced, from which a report for any rule is built without scoring again."""
+
+    replay: Replay
+    candidates: list[Candidate]
+    scores: Scores
+    shortlist: np.ndarray
+    exact: np.ndarray | None
+    exact_soft: np.ndarray | None
+
+
 def run_selection(args: Args, log=print) -> dict[str, Any]:
     """Score every candidate, select, and build the report (nothing written)."""
+    scored = score_candidates(args, log)
+    return build_report(args, scored.replay, scored.candidates, scored.scores, scored.shortlist, scored.exact,
+                        scored.exact_soft)  # fmt: skip
+
+
+def score_candidates(args: Args, log=print) -> Scored:
+    """Load the candidates and the selection episodes, and score every candidate by every method."""
     if not args.run_dirs:
         raise SelectionError("give at least one run folder")
     if args.shortlist < 1:
@@ -595,7 +615,7 @@ def run_selection(args: Args, log=print) -> dict[str, Any]:
     exact = exact_soft = None
     if truth is not None:
         exact, exact_soft = exact_values(truth[0], truth[1], args.epsilon)
-    return build_report(args, replay, candidates, scores, shortlist, exact, exact_soft)
+    return Scored(replay, candidates, scores, shortlist, exact, exact_soft)
 
 
 def _behaviour(replay: Replay, data: Transitions, args: Args) -> np.ndarray:
