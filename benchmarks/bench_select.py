@@ -75,7 +75,11 @@ class Args:
     n_boot: int = 100
     """Bootstrap resamples for the intervals."""
     fqe_interval_top: int = 10
+    """Candidates with the highest FQE estimates whose FQE interval is refitted per resample."""
+    fqe_boot: int = 100
+    """Resamples refitted for each FQE interval."""
     shortlist: int = 10
+    """Two-stage shortlist (by WIS)."""
     folds: int = 0
     """Cross-fitting folds (0: the plain split only)."""
     learners_dir: Path = REPO
@@ -102,6 +106,7 @@ def _module(script: Path) -> Any:
     if script not in _MODULES:
         spec = importlib.util.spec_from_file_location(f"_learner_{script.stem}", script)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
         spec.loader.exec_module(module)
         _MODULES[script] = module
     return _MODULES[script]
@@ -233,7 +238,8 @@ def plain_split(args: Args, out: Path, log) -> dict[str, Any]:
     folders = train("cql", args, replay, out / "cql", log) + train("iql", args, replay, out / "iql", log)
     timings["train_seconds"] = time.perf_counter() - t0
     sel_args = select.Args(run_dirs=tuple(folders), replay=replay, split="val", n_boot=args.n_boot,
-                           fqe_interval_top=args.fqe_interval_top, shortlist=args.shortlist, overwrite=True, out=out)  # fmt: skip
+                           fqe_interval_top=args.fqe_interval_top, shortlist=args.shortlist, overwrite=True, out=out,
+                           fqe_boot=args.fqe_boot)  # fmt: skip
     t0 = time.perf_counter()
     scored = select.score_candidates(sel_args, log)
     timings["select_seconds"] = time.perf_counter() - t0
@@ -279,7 +285,8 @@ def cross_fit(args: Args, out: Path, log) -> dict[str, Any]:
     for f, path in enumerate(fold_paths):
         folders = train("cql", args, path, out / f"fold{f}_cql", log) + train("iql", args, path, out / f"fold{f}_iql", log)
         sel_args = select.Args(run_dirs=tuple(folders), replay=path, split="val", n_boot=args.n_boot,
-                               fqe_interval_top=args.fqe_interval_top, shortlist=args.shortlist)  # fmt: skip
+                               fqe_interval_top=args.fqe_interval_top, shortlist=args.shortlist,
+                               fqe_boot=args.fqe_boot)  # fmt: skip
         scored = select.score_candidates(sel_args, log)
         for i, c in enumerate(scored.candidates):
             entry = per_config.setdefault(config_key(c), {m: [] for m in ("fqe", "wdr", "wis")})
@@ -318,7 +325,7 @@ def table(result: dict[str, Any]) -> str:
     for rule, methods in result["rules"].items():
         for m, e in methods.items():
             lines.append(f"| {rule} | {m} | {e['exact_return']:.4f} | {e['regret']:.4f} | {e['top5_regret']:.4f} | "
-                         f"{e['spearman']:.3f} | {e['covers_exact_softened']} |")  # fmt: skip
+                         f"{select._fmt(e['spearman'], 3)} | {e['covers_exact_softened']} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -341,7 +348,7 @@ def main() -> None:
         result["cross_fit"] = cross_fit(args, out, log)
         print(f"\n## Cross-fitted over {args.folds} folds, deployed after training on all {args.episodes}\n")
         for m, e in result["cross_fit"]["methods"].items():
-            print(f"- {m}: exact {e['exact_return']:.4f}, regret {e['regret']:.4f}, Spearman {e['spearman']:.3f}")
+            print(f"- {m}: exact {e['exact_return']:.4f}, regret {e['regret']:.4f}, Spearman {select._fmt(e['spearman'], 3)}")
     result["wall_seconds"] = time.perf_counter() - start
     result["load_average_at_end"] = os.getloadavg()
     write_json(out / "bench_select.json", result)

@@ -83,10 +83,12 @@ class Args:
 
 
 def quick_args(args: Args) -> Args:
+    """One tiny size that is also the sweep size, 2 seeds, two checkpoints per policy, small networks; the
+    IQL sweep holds the study's IQL setting and has as many seeds, so it doubles as the IQL run."""
     return replace(
-        args, sizes=(200, 300), seeds=2, sweep_sizes=(300,), cql_sweep=(0.0, 0.005), cql_updates=20, cql_save_every=10,
-        iql_sweep_tau=(0.9,), iql_sweep_beta=(3.0, 30.0), iql_updates=20, iql_save_every=10, bc_updates=20,
-        bc_save_every=10, hidden=16, n_boot=10,
+        args, sizes=(300,), seeds=2, sweep_sizes=(300,), cql_sweep=(0.0, 0.005), cql_updates=20, cql_save_every=10,
+        iql_sweep_tau=(0.9,), iql_sweep_beta=(3.0, 30.0), iql_sweep_seeds=2, iql_updates=20, iql_save_every=10,
+        bc_updates=20, bc_save_every=10, hidden=16, n_boot=10,
     )  # fmt: skip
 
 
@@ -113,11 +115,16 @@ def train_size(args: Args, n: int, replay: Path, out: Path, log) -> dict[str, li
         "cql": train_learner("cql", args.learners_dir, replay, out / f"n{n}_cql",
                              ["--alpha", *map(str, alphas), "--learning-rate", str(args.cql_learning_rate)],
                              updates=args.cql_updates, save_every=args.cql_save_every, **common),
-        "iql": train_learner("iql", args.learners_dir, replay, out / f"n{n}_iql",
-                             ["--tau", str(args.iql_tau), "--beta", str(args.iql_beta), "--learning-rate",
-                              str(args.iql_learning_rate)], updates=args.iql_updates, save_every=args.iql_save_every,
-                             **common),
     }  # fmt: skip
+    # the IQL sweep doubles as the IQL run when it holds the study's setting with as many seeds
+    reuse = sweep and args.iql_sweep_seeds == args.seeds and args.iql_tau in args.iql_sweep_tau and (
+        args.iql_beta in args.iql_sweep_beta)  # fmt: skip
+    if not reuse:
+        folders["iql"] = train_learner(
+            "iql", args.learners_dir, replay, out / f"n{n}_iql",
+            ["--tau", str(args.iql_tau), "--beta", str(args.iql_beta), "--learning-rate", str(args.iql_learning_rate)],
+            updates=args.iql_updates, save_every=args.iql_save_every, **common,
+        )  # fmt: skip
     if sweep:
         folders["iql_sweep"] = train_learner(
             "iql", args.learners_dir, replay, out / f"n{n}_iql_sweep",
@@ -125,6 +132,8 @@ def train_size(args: Args, n: int, replay: Path, out: Path, log) -> dict[str, li
              str(args.iql_learning_rate)], updates=args.iql_updates, save_every=args.iql_save_every,
             **{**common, "num_seeds": args.iql_sweep_seeds},
         )  # fmt: skip
+        if reuse:
+            folders["iql"] = folders["iql_sweep"]
     return folders
 
 
@@ -160,6 +169,9 @@ def learner_rows(rows: list[dict[str, Any]], learner: str, args: Args) -> list[d
         rows = [r for r in rows if np.isclose(r["hparams"].get("alpha", -1), args.cql_alpha)]
     if learner == "DDQN":
         rows = [r for r in rows if np.isclose(r["hparams"].get("alpha", -1), 0.0)]
+    if learner == "IQL":
+        rows = [r for r in rows if np.isclose(r["hparams"].get("tau", -1), args.iql_tau)
+                and np.isclose(r["hparams"].get("beta", -1), args.iql_beta)]  # fmt: skip
     return rows
 
 
@@ -328,7 +340,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         by_learner = {learner: cells(rows, learner, args) for learner in LEARNERS}
         result["data_efficiency"][str(n)] = by_learner
         if n in args.sweep_sizes:
-            sweep_rows = score(args, folders["iql_sweep"], replay, "greedy", log)
+            sweep_rows = (rows if folders["iql_sweep"] == folders["iql"]
+                          else score(args, folders["iql_sweep"], replay, "greedy", log))  # fmt: skip
             result["sweeps"][str(n)] = {
                 "cql.py alpha sweep": sweep_table(rows, "cql", ("alpha",)),
                 "iql.py tau x beta grid": sweep_table(sweep_rows, "iql", ("tau", "beta")),

@@ -682,10 +682,11 @@ def build_report(args, replay, candidates, scores: Scores, shortlist, exact, exa
         if exact is not None:
             entry["exact_return"] = float(exact[chosen])
             entry["regret"] = regret(exact, chosen)
-            entry["spearman"] = spearman(scores.estimate[m], exact)
+            entry["spearman"] = _f(spearman(scores.estimate[m], exact))
             entry["top5_regret"] = top_k_regret(exact, scores.estimate[m], 5)
             # the interval is for the softened policy (importance sampling needs it)
-            entry["covers_exact_softened"] = bool(entry["ci_low"] <= exact_soft[chosen] <= entry["ci_high"])
+            entry["covers_exact_softened"] = (None if entry["ci_low"] is None or entry["ci_high"] is None
+                                              else bool(entry["ci_low"] <= exact_soft[chosen] <= entry["ci_high"]))  # fmt: skip
         methods[m] = entry
     selected = dict(methods[args.method])
     report: dict[str, Any] = {
@@ -758,7 +759,7 @@ def markdown(report: dict[str, Any], top: int = 20) -> str:
     for m, e in report["methods"].items():
         cell = f"| {m} | `{e['name']}` | {_fmt(e['estimate'])} [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}] |"
         if known:
-            cell += f" {e['exact_return']:.4f} | {e['regret']:.4f} | {e['top5_regret']:.4f} | {e['spearman']:.3f} |"
+            cell += f" {e['exact_return']:.4f} | {e['regret']:.4f} | {e['top5_regret']:.4f} | {_fmt(e['spearman'], 3)} |"
         lines.append(cell)
     method = report["method"]
     order = sorted(
@@ -817,7 +818,7 @@ def figure_png(report: dict[str, Any]) -> bytes:
             span = [min(exact.min(), np.nanmin(est[finite]) if finite.any() else exact.min()),
                     max(exact.max(), np.nanmax(est[finite]) if finite.any() else exact.max())]  # fmt: skip
             ax.plot(span, span, color="black", lw=0.6, ls="--")
-            ax.set_title(f"{m.upper()}: Spearman {report['methods'][m]['spearman']:.3f}, regret "
+            ax.set_title(f"{m.upper()}: Spearman {_fmt(report['methods'][m]['spearman'], 3)}, regret "
                          f"{report['methods'][m]['regret']:.4f}", fontsize=9)  # fmt: skip
             ax.set_xlabel("exact return")
             ax.set_ylabel("estimate (95% interval)")
