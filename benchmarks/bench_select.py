@@ -10,7 +10,7 @@ and the script reports, per method and rule, the selected candidate's exact retu
 return among the candidates minus the selected one's) and the Spearman correlation of the estimates with
 the exact values.
 
-With `--folds K` it also cross-fits: the budget is cut into K folds of episodes; the grid trains K times,
+With `--folds K` it also cross-fits (written but not yet run: untested): the budget is cut into K folds of episodes; the grid trains K times,
 each time on all folds but one, and every configuration (algorithm, setting, number of updates) is scored
 on the fold it did not see; the configuration with the highest mean estimate over folds and seeds is then
 trained on all the episodes and deployed. Regret and Spearman are measured on the configurations trained
