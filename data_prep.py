@@ -6,16 +6,22 @@ Each subcommand is an Args dataclass (its fields become the flags) and a functio
 the replay; adding a source is one entry in SUBCOMMANDS.
 """
 
+# ruff: noqa: E402  (the interrupt handler is installed before the heavy imports)
 from __future__ import annotations
 
 import sys
+
+from cleansepsis import interrupts
+
+interrupts.install()  # first, so that Ctrl-C while jax and polars load also ends in one line and status 130
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import tyro
 
 from cleansepsis.icu_replay import IcuSepsisArgs, build_icu_sepsis
-from cleansepsis.io import OutputExistsError
+from cleansepsis.io import OutputExistsError, check_output
 from cleansepsis.mimic.pipeline import MimicArgs
 from cleansepsis.mimic.pipeline import run as build_mimic
 from cleansepsis.mimic.synth import SynthArgs
@@ -29,6 +35,9 @@ SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "synth": (SynthArgs, build_synth),
 }
 
+# what each subcommand's --out names; a subcommand missing here gets the checks that hold for both
+OUTPUT_KINDS = {"icu-sepsis": "file", "mimic": "dir", "synth": "dir"}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = tyro.extras.subcommand_cli_from_dict(
@@ -36,13 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args=argv,
         description=__doc__.splitlines()[0],
     )
-    build = next(builder for args_type, builder in SUBCOMMANDS.values() if isinstance(args, args_type))
-    try:
+    name, build = next((n, builder) for n, (args_type, builder) in SUBCOMMANDS.items() if isinstance(args, args_type))
+
+    def work() -> None:
+        if getattr(args, "out", None) is not None:  # before the work: an unusable --out fails in a second
+            check_output(args.out, OUTPUT_KINDS.get(name), overwrite=bool(getattr(args, "overwrite", False)))
         build(args)
-    except (OutputExistsError, ReplayError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+
+    return interrupts.run_cli(work, (OutputExistsError, ReplayError, ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import polars as pl
 
+from cleansepsis import interrupts
 from cleansepsis.checkpoint import save_checkpoint
 from cleansepsis.io import OutputExistsError, atomic_dir, write_json
 from cleansepsis.replay import Replay, ReplayError, Transitions, load_replay
@@ -97,14 +98,9 @@ def use_host_devices(num_seeds: int | None = None) -> int:
 
 def cli_main(main: Callable[[], None]) -> None:
     """Run a script's main(), turning the project's errors into `error: ...` on stderr and exit code 1."""
-    try:
-        main()
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        raise SystemExit(130) from None
+    status = interrupts.run_cli(main, USER_ERRORS)  # Ctrl-C, also when swallowed on the way: status 130
+    if status:
+        raise SystemExit(status)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,6 +255,7 @@ _progress: dict[str, Any] = {"bar": None}
 
 
 def _advance(value: Any = None) -> None:
+    interrupts.check()  # a Ctrl-C swallowed earlier stops the compiled program here (see interrupts.py)
     bar = _progress["bar"]
     if bar is not None:
         if value is not None:
@@ -326,8 +323,9 @@ def run_sweep(
         _progress["bar"] = bar
         try:
             t0 = time.perf_counter()
-            out = jax.block_until_ready(compiled(*args))
-            jax.effects_barrier()
+            with interrupts.stop_point():  # Ctrl-C inside the program comes back as another error
+                out = jax.block_until_ready(compiled(*args))
+                jax.effects_barrier()
             out = jax.tree.map(lambda x: x.reshape(n_settings, n_run_seeds, *x.shape[1:])[:, :n_seeds], out)
             train_seconds = time.perf_counter() - t0
         finally:
