@@ -83,6 +83,23 @@ def _excepthook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> N
     _state["previous_excepthook"](exc_type, exc, tb)
 
 
+def _unraisablehook(unraisable: Any) -> None:
+    # a KeyboardInterrupt raised inside a gc callback or __del__ cannot propagate; it is recorded in the flag
+    # and acted on at the next check, so Python's "Exception ignored in ..." traceback is only noise
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and requested():
+        return
+    _state["previous_unraisablehook"](unraisable)
+
+
+def _install_hooks() -> None:
+    if sys.excepthook is not _excepthook:
+        _state["previous_excepthook"] = sys.excepthook
+        sys.excepthook = _excepthook
+    if sys.unraisablehook is not _unraisablehook:
+        _state["previous_unraisablehook"] = sys.unraisablehook
+        sys.unraisablehook = _unraisablehook
+
+
 def install() -> None:
     """Record SIGINT before raising KeyboardInterrupt, and print an uncaught KeyboardInterrupt (for example
     while modules are still importing) as one line instead of a traceback; Python then exits as killed by
@@ -93,9 +110,7 @@ def install() -> None:
         return
     if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _handler):
         signal.signal(signal.SIGINT, _handler)
-    if sys.excepthook is not _excepthook:
-        _state["previous_excepthook"] = sys.excepthook
-        sys.excepthook = _excepthook
+    _install_hooks()
 
 
 @contextlib.contextmanager
@@ -104,8 +119,10 @@ def handling() -> Iterator[None]:
     interrupt (so that calling a CLI's main in-process, as the tests do, leaves the process as it was)."""
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if in_main else None
-    clear()
+    _state["written"] = []  # not the interrupt flag: a Ctrl-C while the script was importing counts
     _quiet_jax_callback_logs()
+    if in_main:
+        _install_hooks()
     if in_main and previous in (signal.default_int_handler, _handler):
         signal.signal(signal.SIGINT, _handler)
     try:

@@ -78,21 +78,40 @@ def test_ctrl_c_at_any_point_of_data_prep_ends_in_one_line_and_writes_nothing(tm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_swallowed_by_a_callee_still_stops_the_run(tmp_path):
-    # what JAX's gc callback does to a KeyboardInterrupt raised inside it: prints it and carries on
-    code = """
-        import os, signal
+SWALLOWERS = {
+    # a callee that catches the KeyboardInterrupt and carries on
+    "except": """
+        def swallow():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                pass
+    """,
+    # JAX's case: the signal lands in a gc callback, where Python prints "Exception ignored" and carries on
+    "gc callback": """
+        def swallow():
+            def in_gc(*_):
+                gc.callbacks.remove(in_gc)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            gc.callbacks.append(in_gc)
+            gc.collect()
+    """,
+}
+
+
+@pytest.mark.parametrize("how", sorted(SWALLOWERS))
+def test_ctrl_c_swallowed_by_a_callee_still_stops_the_run(tmp_path, how):
+    code = "import gc, os, signal, time\n" + textwrap.dedent(SWALLOWERS[how]) + textwrap.dedent("""
         import polars as pl
         f = pl.DataFrame.write_parquet
         def g(self, target, **k):
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-                __import__("time").sleep(5)
-            except KeyboardInterrupt:
-                print("swallowed", flush=True)
+            swallow()
+            print("swallowed", flush=True)
             return f(self, target, **k)
         pl.DataFrame.write_parquet = g
-    """
+    """)
     out = tmp_path / "replay.parquet"
     proc = _driver(code, "icu-sepsis", "--episodes", "50", "--out", str(out))
     _wait_for(proc, "swallowed")
