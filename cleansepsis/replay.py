@@ -271,9 +271,6 @@ def check_format(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str = "
     splits = set(frame.get_column("split").cast(pl.String).unique().to_list())
     if not splits <= set(SPLITS):
         raise _fail(path, f"column 'split' has value(s) {sorted(splits - set(SPLITS))}; expected {SPLITS}")
-    per_episode = frame.group_by("episode_id").agg(pl.col("split").n_unique().alias("n"))
-    if int(per_episode.get_column("n").max()) > 1:
-        raise _fail(path, "an episode is spread over more than one split; splits must be by episode")
 
 
 def _numpy(frame: pl.DataFrame, name: str) -> np.ndarray:
@@ -333,6 +330,15 @@ def check_structure(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str 
         raise fail(row, f"starts at t={t[row]}; t counts from 0, so the rows of steps 0..{t[row] - 1} are missing")
     if (row := first(same & (t[1:] != t[:-1] + 1))) is not None:
         raise fail(row, f"t jumps from {t[row]} to {t[row + 1]}; the rows of the steps between are missing")
+
+    split = frame.get_column("split").cast(pl.String)
+    split_changes = (split.slice(1) != split.slice(0, frame.height - 1)).to_numpy()
+    if (row := first(same & split_changes)) is not None:
+        raise fail(
+            row,
+            f"is spread over more than one split ({split[row]} at t={t[row]}, {split[row + 1]} at "
+            f"t={t[row + 1]}); splits must be by episode",
+        )
 
     terminated, truncated = _numpy(frame, "terminated"), _numpy(frame, "truncated")
     done = terminated | truncated
