@@ -175,7 +175,7 @@ def _worker(repo: Path, workdir: Path) -> list[dict]:
         "next_obs != next row's obs": ("refuse", lambda: raw(put(frame, "next_obs", col(frame, "next_obs")
                                                                   + (np.arange(len(frame)) == r0)[:, None]),
                                                              full_meta)),
-        "list extra column": ("refuse", lambda: _via_write(R, frame.with_columns(
+        "list extra column": ("refuse at write", lambda: _via_write(R, frame.with_columns(
             pl.Series("doses", [[1.0, 2.0]] * len(frame), pl.List(pl.Float64))), meta, workdir)),
         # valid variants: must load
         "valid replay": ("accept", lambda: raw(frame, full_meta)),
@@ -198,6 +198,8 @@ def _worker(repo: Path, workdir: Path) -> list[dict]:
                              "half_written": False})
             continue
         run_case("replay", name, expect, path, load)
+        if expect == "refuse at write":  # written: a file that cannot be loaded back, whatever load says
+            rows_out[-1]["outcome"] = f"written; load: {rows_out[-1]['outcome']}"
         if name in CLI_INPUTS:
             shutil.copy(path, workdir / CLI_INPUTS[name])
 
@@ -464,7 +466,7 @@ def _verdict(row: dict) -> bool:
         return row["outcome"] == "accepted" and clean
     if row["expect"] == "interrupt":
         return row["exit"] in (130, -2) and clean and row["outcome"] in ("error", "killed by SIGINT")
-    return row["outcome"] == "error" and row.get("exit", 1) != 0 and clean
+    return row["outcome"] == "error" and row.get("exit", 1) != 0 and clean  # "refuse" or "refuse at write"
 
 
 def main() -> None:
@@ -488,7 +490,7 @@ def main() -> None:
             raise SystemExit(f"worker failed:\n{worker.stderr}")
         rows = json.loads(worker.stdout.strip().splitlines()[-1]) + _cli_cases(repo, args.python, workdir)
     for row in rows:
-        row.setdefault("exit", 1 if row["outcome"] == "error" else 0 if row["outcome"] == "accepted" else 1)
+        row.setdefault("exit", 0 if row["outcome"] in ("accepted",) or row["outcome"].startswith("written") else 1)
         row.setdefault("traceback", row["outcome"].startswith("traceback"))
         if row["exit"] == -2 and row["outcome"] != "traceback":
             row["outcome"] = "killed by SIGINT"

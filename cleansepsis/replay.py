@@ -172,7 +172,7 @@ def content_hash(frame: pl.DataFrame, path: Path | str = "<replay>") -> str:
 def _unhashable_message(name: str, dtype: pl.DataType) -> str:
     return (
         f"column {name!r} has type {dtype}; a replay column must be numeric, boolean, string, categorical, "
-        "a date or time, or a fixed-width Array of numbers or booleans (store a list of fixed length as "
+        "a date, datetime or duration, or a fixed-width Array of numbers or booleans (store a list of fixed length as "
         "pl.Array, or one column per item)"
     )
 
