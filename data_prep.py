@@ -45,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args=argv,
         description=__doc__.splitlines()[0],
     )
-    name, build = next((n, builder) for n, (args_type, builder) in SUBCOMMANDS.items() if isinstance(args, args_type))
+    name, build = next(
+        (n, builder) for n, (args_type, builder) in SUBCOMMANDS.items() if isinstance(args, args_type)
+    )
 
     def work() -> None:
         if getattr(args, "out", None) is not None:  # before the work: an unusable --out fails in a second

@@ -101,7 +101,9 @@ def save_checkpoint(
     for name, value in tensors.items():
         array = np.asarray(value)
         if not np.issubdtype(array.dtype, np.floating):
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {array.dtype}; weights must be floating point")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {array.dtype}; weights must be floating point"
+            )
         arrays[name] = np.ascontiguousarray(array, np.float32)
     config["tensors"] = {name: list(arrays[name].shape) for name in sorted(arrays)}
     _check_config(path, config, require_hash=False)
@@ -140,8 +142,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
         digest = file_sha256(path / WEIGHTS_FILE)
         if digest != config["weights_sha256"]:
             raise CheckpointError(
-                f"{path / WEIGHTS_FILE}: SHA-256 {digest[:16]}... differs from {config['weights_sha256'][:16]}... "
-                f"recorded in {CONFIG_FILE}; the weights were changed or replaced after saving"
+                f"{path / WEIGHTS_FILE}: SHA-256 {digest[:16]}... differs from "
+                f"{config['weights_sha256'][:16]}... recorded in {CONFIG_FILE}; the weights were changed or "
+                "replaced after saving"
             )
     try:
         tensors = load_file(str(path / WEIGHTS_FILE))
@@ -149,7 +152,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
         raise CheckpointError(f"{path / WEIGHTS_FILE}: cannot be read ({err})") from None
     for name, array in tensors.items():
         if array.dtype != np.float32:
-            raise CheckpointError(f"{path / WEIGHTS_FILE}: tensor {name!r} has dtype {array.dtype}; expected float32")
+            raise CheckpointError(
+                f"{path / WEIGHTS_FILE}: tensor {name!r} has dtype {array.dtype}; expected float32"
+            )
     _check_tensors(path / WEIGHTS_FILE, tensors, config)
     return tensors, config
 
@@ -165,8 +170,10 @@ def _check_config(path: Path, config: Any, require_hash: bool) -> None:
     for key in REQUIRED_CONFIG:
         if key not in config:
             raise CheckpointError(f"{path}: key {key!r} is missing")
-    if config["format"] != FORMAT or config["format_version"] not in READABLE_VERSIONS or isinstance(
-        config["format_version"], bool
+    if (
+        config["format"] != FORMAT
+        or config["format_version"] not in READABLE_VERSIONS
+        or isinstance(config["format_version"], bool)
     ):
         raise CheckpointError(
             f"{path}: format {config['format']!r} version {config['format_version']!r}; "
@@ -198,7 +205,9 @@ def _check_config(path: Path, config: Any, require_hash: bool) -> None:
         if not isinstance(shapes, dict) or not all(
             isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v) for v in shapes.values()
         ):
-            raise CheckpointError(f"{path}: tensors must map each tensor name to its shape, a list of whole numbers")
+            raise CheckpointError(
+                f"{path}: tensors must map each tensor name to its shape, a list of whole numbers"
+            )
 
 
 def _check_network(path: Path, network: Any) -> None:
@@ -212,11 +221,15 @@ def _check_network(path: Path, network: Any) -> None:
     missing = [k for k in keys if k not in network]
     if unknown or missing:
         raise CheckpointError(
-            f"{path}: a {kind!r} network has keys {list(keys)}; " + (f"unknown {unknown}" if unknown else "")
-            + ("; " if unknown and missing else "") + (f"missing {missing}" if missing else "")
+            f"{path}: a {kind!r} network has keys {list(keys)}; "
+            + (f"unknown {unknown}" if unknown else "")
+            + ("; " if unknown and missing else "")
+            + (f"missing {missing}" if missing else "")
         )
     if network["activation"] not in ACTIVATIONS:
-        raise CheckpointError(f"{path}: unknown activation {network['activation']!r}; expected one of {list(ACTIVATIONS)}")
+        raise CheckpointError(
+            f"{path}: unknown activation {network['activation']!r}; expected one of {list(ACTIVATIONS)}"
+        )
     hidden = network["hidden"]
     if not isinstance(hidden, list) or not all(isinstance(n, str) and n for n in hidden):
         raise CheckpointError(f"{path}: network hidden is {hidden!r}; expected a list of layer names")
@@ -276,8 +289,8 @@ def _check_layer(path: Path, tensors: dict[str, np.ndarray], name: str, width: i
     weight, bias = tensors[f"{name}.weight"], tensors[f"{name}.bias"]
     if weight.ndim != 2 or weight.shape[1] != width or bias.shape != (weight.shape[0],):
         raise CheckpointError(
-            f"{path}: layer {name!r} has weight {weight.shape} and bias {bias.shape}; expected (out, {width}) "
-            "and (out,)"
+            f"{path}: layer {name!r} has weight {weight.shape} and bias {bias.shape}; expected "
+            f"(out, {width}) and (out,)"
         )
     return int(weight.shape[0])
 

@@ -142,7 +142,8 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success move it to `path`, on error (or Ctrl-C) delete it."""
+    """Yield a temporary folder beside `path`; on success move it to `path`, on error (or Ctrl-C) delete
+    it."""
     path = Path(path)
     _check_target(path, overwrite, "dir")
     tmp = _tmp_name(path, "tmp")

@@ -211,7 +211,9 @@ def _check_bins(path: Path, bins: Any) -> None:
     if bins is None:
         return
     if not isinstance(bins, dict):
-        raise PolicyError(f"{path}: action_bins is {bins!r}; expected an object with vaso_edges and fluid_edges")
+        raise PolicyError(
+            f"{path}: action_bins is {bins!r}; expected an object with vaso_edges and fluid_edges"
+        )
     for key in ("vaso_edges", "fluid_edges"):
         edges = bins.get(key, [])
         numbers = isinstance(edges, list) and all(

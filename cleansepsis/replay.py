@@ -172,8 +172,8 @@ def content_hash(frame: pl.DataFrame, path: Path | str = "<replay>") -> str:
 def _unhashable_message(name: str, dtype: pl.DataType) -> str:
     return (
         f"column {name!r} has type {dtype}; a replay column must be numeric, boolean, string, categorical, "
-        "a date, datetime or duration, or a fixed-width Array of numbers or booleans (store a list of fixed length as "
-        "pl.Array, or one column per item)"
+        "a date, datetime or duration, or a fixed-width Array of numbers or booleans (store a list of fixed "
+        "length as pl.Array, or one column per item)"
     )
 
 
@@ -277,7 +277,9 @@ def _numpy(frame: pl.DataFrame, name: str) -> np.ndarray:
     return frame.get_column(name).to_numpy()
 
 
-def _rows_differ(a: np.ndarray, b: np.ndarray, b_rows: np.ndarray | None = None, chunk: int = 1 << 16) -> np.ndarray:
+def _rows_differ(
+    a: np.ndarray, b: np.ndarray, b_rows: np.ndarray | None = None, chunk: int = 1 << 16
+) -> np.ndarray:
     """(n,) True where row i of the (n, k) array a differs from row i of b (or row b_rows[i] of b); in
     chunks, so that a million-row check never holds a (n, k) temporary."""
     out = np.empty(len(a), bool)
@@ -324,10 +326,14 @@ def check_structure(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str 
     if (row := first(same & (t[1:] == t[:-1]))) is not None:
         repeats = int(np.sum((episode == episode[row]) & (t == t[row])))
         if frame.slice(row, 1).equals(frame.slice(row + 1, 1)):
-            raise fail(row, f"the row at t={t[row]} is duplicated ({repeats} identical rows); remove the copies")
+            raise fail(
+                row, f"the row at t={t[row]} is duplicated ({repeats} identical rows); remove the copies"
+            )
         raise fail(row, f"t={t[row]} occurs in {repeats} different rows; each step of an episode is one row")
     if (row := first(starts & (t != 0))) is not None:
-        raise fail(row, f"starts at t={t[row]}; t counts from 0, so the rows of steps 0..{t[row] - 1} are missing")
+        raise fail(
+            row, f"starts at t={t[row]}; t counts from 0, so the rows of steps 0..{t[row] - 1} are missing"
+        )
     if (row := first(same & (t[1:] != t[:-1] + 1))) is not None:
         raise fail(row, f"t jumps from {t[row]} to {t[row + 1]}; the rows of the steps between are missing")
 
@@ -346,7 +352,9 @@ def check_structure(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str 
         how = "terminated" if terminated[row] else "truncated"
         after = int(np.sum(episode == episode[row])) - 1 - int(t[row])
         every = " (every row of the file is terminated)" if terminated.all() else ""
-        raise fail(row, f"the row at t={t[row]} is {how}, but {after} row(s) follow the end of the episode{every}")
+        raise fail(
+            row, f"the row at t={t[row]} is {how}, but {after} row(s) follow the end of the episode{every}"
+        )
     if (row := first(last & ~done)) is not None:
         raise fail(
             row,
@@ -367,7 +375,9 @@ def check_structure(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str 
         if (row := first(~next_mask.any(axis=1) & ~terminated)) is not None:
             raise fail(row, f"the next_action_mask at t={t[row]} admits no action, but the episode goes on")
         if mask is not None and (row := first(same & _rows_differ(next_mask[:-1], mask[1:]))) is not None:
-            raise fail(row, f"the next_action_mask at t={t[row]} differs from the action_mask at t={t[row + 1]}")
+            raise fail(
+                row, f"the next_action_mask at t={t[row]} differs from the action_mask at t={t[row + 1]}"
+            )
 
     obs, next_obs = _numpy(frame, "obs"), _numpy(frame, "next_obs")
     if (row := first(same & _rows_differ(next_obs[:-1], obs[1:]))) is not None:
@@ -381,7 +391,9 @@ def check_structure(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str 
         outside = (index < 0) | (index >= n_states) if n_states is not None else index < 0
         if (row := first(outside)) is not None:
             states = f"0..{n_states - 1}" if n_states is not None else "0 or more"
-            raise fail(row, f"{name} {index[row]} at t={t[row]} is not a state of the env (expected {states})")
+            raise fail(
+                row, f"{name} {index[row]} at t={t[row]} is not a state of the env (expected {states})"
+            )
     if "state_index" in frame.columns:
         state = _numpy(frame, "state_index")
         pairs = [(state, obs, "obs", np.arange(frame.height))]
@@ -436,7 +448,9 @@ def write_replay(
     meta["n_episodes"] = int(frame.get_column("episode_id").n_unique())
     meta["content_hash"] = content_hash(frame, path)
     with atomic_file(path, overwrite=overwrite) as tmp:
-        frame.write_parquet(tmp, compression="zstd", metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        frame.write_parquet(
+            tmp, compression="zstd", metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)}
+        )
     return meta
 
 
@@ -563,8 +577,9 @@ def _group_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         hashes = (words * coefficients).sum(axis=1, dtype=np.uint64)
     _, first, inverse, counts = np.unique(hashes, return_index=True, return_inverse=True, return_counts=True)
     if not np.array_equal(words[first][inverse], words):  # a hash collision: group exactly instead
-        _, first, inverse, counts = np.unique(words, axis=0, return_index=True, return_inverse=True,
-                                              return_counts=True)
+        _, first, inverse, counts = np.unique(
+            words, axis=0, return_index=True, return_inverse=True, return_counts=True
+        )
     return first, inverse.reshape(-1), counts
 
 

@@ -231,7 +231,7 @@ def test_extra_columns_without_a_fixed_byte_form_are_refused_at_write(tmp_path, 
 def test_boolean_extra_with_nulls_is_refused_at_write(tmp_path, tiny_replay):
     frame, meta = tiny_replay
     flag = pl.Series("flag", [True, None] * 6, pl.Boolean)
-    with pytest.raises(R.ReplayError, match="'flag'.*fill its nulls"):
+    with pytest.raises(R.ReplayError, match=r"'flag'.*fill its nulls"):
         R.write_replay(tmp_path / "x.parquet", frame.with_columns(flag), meta)
 
 
