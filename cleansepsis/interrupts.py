@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -77,8 +78,15 @@ def _handler(signum: int, frame: Any) -> None:
 
 
 def _excepthook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
-    if issubclass(exc_type, KeyboardInterrupt):
-        print(f"error: {interrupted_message()}", file=sys.stderr, flush=True)
+    if issubclass(exc_type, KeyboardInterrupt) or requested():
+        if not _state.get("reported"):
+            print(f"error: {interrupted_message()}", file=sys.stderr, flush=True)
+            _state["reported"] = True
+        if not issubclass(exc_type, KeyboardInterrupt):
+            # the interrupt came back as another error (a C extension's import turns it into ImportError):
+            # end as Python ends on an uncaught KeyboardInterrupt, killed by SIGINT
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         return
     _state["previous_excepthook"](exc_type, exc, tb)
 
