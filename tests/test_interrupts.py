@@ -192,7 +192,7 @@ def test_cli_main_reports_an_interrupt_wrapped_in_another_error(capsys):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
 
 
-def test_sigkill_during_a_data_prep_write_is_cleaned_by_the_next_run(tmp_path):
+def test_sigkill_during_a_data_prep_write_is_cleaned_by_the_next_run(tmp_path, capsys):
     out = tmp_path / "replay.parquet"
     proc = _driver(MARK_IN["write"], "icu-sepsis", "--episodes", "20", "--out", str(out))
     _wait_for(proc, "here")
@@ -202,10 +202,10 @@ def test_sigkill_during_a_data_prep_write_is_cleaned_by_the_next_run(tmp_path):
     assert len(leftovers) == 1 and not out.exists()
     mine = tmp_path / ".replay.parquet.abcdef12.tmp"  # a name of the old scheme: not provably ours, kept
     mine.write_text("x")
-    done = subprocess.run([sys.executable, "data_prep.py", "icu-sepsis", "--episodes", "20", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert f"removed {leftovers[0]}" in done.stderr
+    import data_prep  # the next run, in-process (its imports are already paid for)
+
+    assert data_prep.main(["icu-sepsis", "--episodes", "20", "--out", str(out)]) == 0
+    assert f"removed {leftovers[0]}" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, mine.name])
 
 
