@@ -44,11 +44,12 @@ NETWORK_KEYS = {
     "mlp": ("kind", "activation", "hidden", "output"),
     "dueling_mlp": ("kind", "activation", "hidden", "value", "advantage"),
 }
-# descriptive config keys that the loaders read, and the JSON types they must have (None: may be null)
+# descriptive config keys that the loaders read, and the JSON types they must have when present (None:
+# may be null)
 DESCRIPTIVE_TYPES: dict[str, tuple[type | None, ...]] = {
-    "feature_names": (list, None),
+    "feature_names": (list,),
     "action_bins": (dict, None),
-    "hparams": (dict, None),
+    "hparams": (dict,),
     "algo": (str, None),
     "seed": (int, None),
     "setting": (int, None),
@@ -185,7 +186,9 @@ def _check_config(path: Path, config: Any, require_hash: bool) -> None:
     if config["outputs"] not in OUTPUTS:
         raise CheckpointError(f"{path}: outputs {config['outputs']!r}; expected one of {OUTPUTS}")
     for key, types in DESCRIPTIVE_TYPES.items():
-        value = config.get(key)
+        if key not in config:
+            continue
+        value = config[key]
         if not (value is None and None in types) and not isinstance(value, tuple(t for t in types if t)):
             wanted = " or ".join("null" if t is None else t.__name__ for t in types)
             raise CheckpointError(f"{path}: {key} is {value!r}; expected {wanted}")

@@ -179,6 +179,8 @@ CONFIG_EDITS = {
     "feature_names of the wrong length": (lambda c: {**c, "feature_names": ["a"]}, "1 feature_names for obs_dim 5"),
     "action_bins a list": (lambda c: {**c, "action_bins": [1, 2]}, "action_bins is"),
     "hparams a list": (lambda c: {**c, "hparams": [1]}, "hparams is"),
+    "hparams null": (lambda c: {**c, "hparams": None}, "hparams is None; expected dict"),
+    "feature_names null": (lambda c: {**c, "feature_names": None}, "feature_names is None; expected list"),
     "hash missing": (lambda c: {k: v for k, v in c.items() if k != "weights_sha256"}, "weights_sha256 is None"),
     "hash not hex": (lambda c: {**c, "weights_sha256": "z" * 64}, "weights_sha256 is"),
     "shapes missing": (lambda c: {k: v for k, v in c.items() if k != "tensors"}, "tensors must map"),
