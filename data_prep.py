@@ -6,14 +6,14 @@ Each subcommand is an Args dataclass (its fields become the flags) and a functio
 the replay; adding a source is one entry in SUBCOMMANDS.
 """
 
-# ruff: noqa: E402  (the interrupt handler is installed before the heavy imports)
 from __future__ import annotations
 
 import sys
 
 from cleansepsis import interrupts
 
-interrupts.install()  # first, so that Ctrl-C while jax and polars load also ends in one line and status 130
+if __name__ == "__main__":  # first, so that Ctrl-C while jax and polars load also ends in one line, status 130
+    interrupts.install()
 
 from collections.abc import Callable, Sequence
 from typing import Any
