@@ -12,6 +12,12 @@ the replay; adding a source is one entry in SUBCOMMANDS.
 from __future__ import annotations
 
 import sys
+
+from cleansepsis import interrupts
+
+if __name__ == "__main__":  # first, so that Ctrl-C while jax and polars load also ends in one line, status 130
+    interrupts.install()
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +25,7 @@ import tyro
 
 from cleansepsis.cohort_mdp import CohortMdpArgs, build_cohort_mdp
 from cleansepsis.icu_replay import IcuSepsisArgs, build_icu_sepsis
-from cleansepsis.io import OutputExistsError
+from cleansepsis.io import OutputExistsError, check_output
 from cleansepsis.mdp_replay import SepsisSimArgs, build_sepsis_sim
 from cleansepsis.mimic.pipeline import MimicArgs
 from cleansepsis.mimic.pipeline import run as build_mimic
@@ -38,6 +44,11 @@ SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "export-minari": (ExportMinariArgs, export_minari),
 }
 
+# what each subcommand's --out names; a subcommand missing here gets the checks that hold for both
+OUTPUT_KINDS = {
+    "icu-sepsis": "file", "mimic": "dir", "synth": "dir", "sepsis-sim": "file", "mdp": "dir", "export-minari": "dir",
+}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = tyro.extras.subcommand_cli_from_dict(
@@ -45,13 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args=argv,
         description=__doc__.splitlines()[0],
     )
-    build = next(builder for args_type, builder in SUBCOMMANDS.values() if isinstance(args, args_type))
-    try:
+    name, build = next(
+        (n, builder) for n, (args_type, builder) in SUBCOMMANDS.items() if isinstance(args, args_type)
+    )
+
+    def work() -> None:
+        if getattr(args, "out", None) is not None:  # before the work: an unusable --out fails in a second
+            check_output(args.out, OUTPUT_KINDS.get(name), overwrite=bool(getattr(args, "overwrite", False)))
         build(args)
-    except (OutputExistsError, ReplayError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+
+    return interrupts.run_cli(work, (OutputExistsError, ReplayError, ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ actions when a mask is given). For research only; not for treating patients.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,5 +201,23 @@ def load_policy(
         normalisation = meta.get("normalisation") if normalisation is None else normalisation
         if not policy.action_bins and meta.get("action_bins"):
             policy = Policy(policy.path, policy.tensors, {**config, "action_bins": meta["action_bins"]})
+    _check_bins(policy.path, policy.action_bins)
     policy.check_inputs(obs_dim, feature_names, normalisation, source)
     return policy
+
+
+def _check_bins(path: Path, bins: Any) -> None:
+    """Dose edges, where given, are increasing finite numbers: decode_action reads them."""
+    if bins is None:
+        return
+    if not isinstance(bins, dict):
+        raise PolicyError(
+            f"{path}: action_bins is {bins!r}; expected an object with vaso_edges and fluid_edges"
+        )
+    for key in ("vaso_edges", "fluid_edges"):
+        edges = bins.get(key, [])
+        numbers = isinstance(edges, list) and all(
+            isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x) for x in edges
+        )
+        if not numbers or any(b < a for a, b in itertools.pairwise(edges)):
+            raise PolicyError(f"{path}: action_bins {key} is {edges!r}; expected increasing finite numbers")

@@ -128,18 +128,53 @@ def take_rows(data: Transitions, rows: np.ndarray) -> Transitions:
     return Transitions(**{f: getattr(data, f)[rows] for f in Transitions.__dataclass_fields__})
 
 
-def content_hash(frame: pl.DataFrame) -> str:
-    """sha256 over the columns in schema order: equal rows give equal hashes, whatever the file bytes."""
+def _hashable_dtype(dtype: pl.DataType) -> bool:
+    """Types whose values `content_hash` turns into the same bytes on every run: numbers, booleans, strings
+    (and categoricals, hashed as strings), dates and times as numbers, and fixed-width arrays of these."""
+    if isinstance(dtype, pl.Array):
+        return _hashable_dtype(dtype.inner)
+    if isinstance(dtype, pl.Decimal):
+        return False  # to_numpy gives Python Decimal objects
+    return (
+        dtype.is_numeric()
+        or dtype in (pl.Boolean, pl.String, pl.Date, pl.Duration)
+        or isinstance(dtype, pl.Categorical | pl.Enum | pl.Datetime | pl.Duration)
+    )
+
+
+def content_hash(frame: pl.DataFrame, path: Path | str = "<replay>") -> str:
+    """sha256 over the columns in name order: equal rows give equal hashes, whatever the file bytes.
+
+    A column whose values have no fixed byte form (a list, a struct, an object, or a boolean column with
+    nulls) would hash differently on every run, so it is refused with a ReplayError naming it."""
     digest = hashlib.sha256()
     for name in sorted(frame.columns):
         series = frame.get_column(name)
+        if not _hashable_dtype(series.dtype):
+            raise _fail(path, _unhashable_message(name, series.dtype))
+        if isinstance(series.dtype, pl.Categorical | pl.Enum):
+            series = series.cast(pl.String)
         digest.update(name.encode())
         if series.dtype == pl.String:
             digest.update("\x1f".join(series.fill_null("\x00").to_list()).encode())
         else:
             values = series.to_numpy()
+            if values.dtype == object:  # numpy has no missing value for booleans: nulls come back as None
+                raise _fail(
+                    path,
+                    f"column {name!r} ({series.dtype}, {series.null_count()} null(s)) has no fixed byte form "
+                    "to hash; fill its nulls before writing",
+                )
             digest.update(np.ascontiguousarray(values).tobytes())
     return digest.hexdigest()
+
+
+def _unhashable_message(name: str, dtype: pl.DataType) -> str:
+    return (
+        f"column {name!r} has type {dtype}; a replay column must be numeric, boolean, string, categorical, "
+        "a date, datetime or duration, or a fixed-width Array of numbers or booleans (store a list of fixed "
+        "length as pl.Array, or one column per item)"
+    )
 
 
 def _fail(path: Path | str, message: str) -> ReplayError:
@@ -152,8 +187,15 @@ def _check_array_column(path, frame: pl.DataFrame, name: str, inner: type[pl.Dat
         raise _fail(path, f"column {name!r} has type {dtype}; expected Array({inner.__name__}, {width})")
 
 
-def validate_frame(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str = "<replay>") -> None:
-    """Check a replay's columns and metadata; raise ReplayError naming the first problem found."""
+def validate_frame(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str = "<replay>") -> pl.DataFrame:
+    """Check a replay's metadata, columns and structure; raise ReplayError naming the first problem found.
+    Returns the frame with its rows in (episode_id, t) order (the same frame when they already are)."""
+    check_format(frame, meta, path)
+    return check_structure(frame, meta, path)
+
+
+def check_format(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str = "<replay>") -> None:
+    """The metadata keys, column names and types, nulls, value ranges and splits (not the episodes)."""
     for key in REQUIRED_METADATA:
         if key not in meta:
             raise _fail(path, f"metadata key {key!r} is missing")
@@ -195,6 +237,11 @@ def validate_frame(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str =
         if name in frame.columns:
             _check_array_column(path, frame, name, pl.Boolean, n_actions)
 
+    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+    for name in frame.columns:
+        if name not in known and not _hashable_dtype(frame.schema[name]):
+            raise _fail(path, _unhashable_message(name, frame.schema[name]))
+
     for name in [*REQUIRED_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in frame.columns)]:
         nulls = frame.get_column(name).null_count()
         if nulls:
@@ -224,9 +271,167 @@ def validate_frame(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str =
     splits = set(frame.get_column("split").cast(pl.String).unique().to_list())
     if not splits <= set(SPLITS):
         raise _fail(path, f"column 'split' has value(s) {sorted(splits - set(SPLITS))}; expected {SPLITS}")
-    per_episode = frame.group_by("episode_id").agg(pl.col("split").n_unique().alias("n"))
-    if int(per_episode.get_column("n").max()) > 1:
-        raise _fail(path, "an episode is spread over more than one split; splits must be by episode")
+
+
+def _numpy(frame: pl.DataFrame, name: str) -> np.ndarray:
+    return frame.get_column(name).to_numpy()
+
+
+def _rows_differ(
+    a: np.ndarray, b: np.ndarray, b_rows: np.ndarray | None = None, chunk: int = 1 << 16
+) -> np.ndarray:
+    """(n,) True where row i of the (n, k) array a differs from row i of b (or row b_rows[i] of b); in
+    chunks, so that a million-row check never holds a (n, k) temporary."""
+    out = np.empty(len(a), bool)
+    for start in range(0, len(a), chunk):
+        stop = start + chunk
+        other = b[start:stop] if b_rows is None else b[b_rows[start:stop]]
+        np.any(a[start:stop] != other, axis=1, out=out[start:stop])
+    return out
+
+
+def _state_count(meta: dict[str, Any]) -> int | None:
+    """How many tabular states the replay's env has: `n_states` in the metadata, or ICU-Sepsis's 716."""
+    if meta.get("n_states") is not None:
+        return int(meta["n_states"])
+    from cleansepsis import env
+
+    return env.N_STATES if meta.get("env_id") == env.ENV_ID or meta.get("source") == "icu-sepsis" else None
+
+
+def check_structure(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str = "<replay>") -> pl.DataFrame:
+    """The episodes: each a run of steps t = 0, 1, 2, ... that ends (terminated or truncated) at its last
+    row and nowhere else, whose next_obs / next_state_index / next_action_mask are the next row's obs /
+    state_index / action_mask, whose masks admit the logged action, and whose state indices are the env's
+    and name one observation each. Rows in another order are sorted; returns the sorted frame.
+
+    Expects a frame that passed `check_format`. Vectorised: about a second on a million-row replay."""
+    episode, t = _numpy(frame, "episode_id"), _numpy(frame, "t")
+    steps_forward = (np.diff(episode) > 0) | ((np.diff(episode) == 0) & (np.diff(t) > 0))
+    if not steps_forward.all():
+        frame = frame.sort("episode_id", "t", maintain_order=True)
+        episode, t = _numpy(frame, "episode_id"), _numpy(frame, "t")
+
+    def fail(row: int, message: str) -> ReplayError:
+        return _fail(path, f"episode {episode[row]}: {message}")
+
+    def first(flags: np.ndarray) -> int | None:
+        hits = np.flatnonzero(flags)
+        return int(hits[0]) if hits.size else None
+
+    same = episode[1:] == episode[:-1]  # row i and row i + 1 belong to one episode
+    starts, last = np.r_[True, ~same], np.r_[~same, True]
+    if (row := first(t < 0)) is not None:
+        raise fail(row, f"t is {t[row]}; t counts the steps of an episode from 0")
+    if (row := first(same & (t[1:] == t[:-1]))) is not None:
+        repeats = int(np.sum((episode == episode[row]) & (t == t[row])))
+        if frame.slice(row, 1).equals(frame.slice(row + 1, 1)):
+            raise fail(
+                row, f"the row at t={t[row]} is duplicated ({repeats} identical rows); remove the copies"
+            )
+        raise fail(row, f"t={t[row]} occurs in {repeats} different rows; each step of an episode is one row")
+    if (row := first(starts & (t != 0))) is not None:
+        raise fail(
+            row, f"starts at t={t[row]}; t counts from 0, so the rows of steps 0..{t[row] - 1} are missing"
+        )
+    if (row := first(same & (t[1:] != t[:-1] + 1))) is not None:
+        raise fail(row, f"t jumps from {t[row]} to {t[row + 1]}; the rows of the steps between are missing")
+
+    split = frame.get_column("split").cast(pl.String)
+    split_changes = (split.slice(1) != split.slice(0, frame.height - 1)).to_numpy()
+    if (row := first(same & split_changes)) is not None:
+        raise fail(
+            row,
+            f"is spread over more than one split ({split[row]} at t={t[row]}, {split[row + 1]} at "
+            f"t={t[row + 1]}); splits must be by episode",
+        )
+
+    terminated, truncated = _numpy(frame, "terminated"), _numpy(frame, "truncated")
+    done = terminated | truncated
+    if (row := first(done & ~last)) is not None:
+        how = "terminated" if terminated[row] else "truncated"
+        after = int(np.sum(episode == episode[row])) - 1 - int(t[row])
+        every = " (every row of the file is terminated)" if terminated.all() else ""
+        raise fail(
+            row, f"the row at t={t[row]} is {how}, but {after} row(s) follow the end of the episode{every}"
+        )
+    if (row := first(last & ~done)) is not None:
+        raise fail(
+            row,
+            f"never ends: its last row (t={t[row]}) is neither terminated nor truncated; the rows after it "
+            "are missing, or set truncated where the data stop",
+        )
+
+    action = _numpy(frame, "action")
+    rows = np.arange(frame.height)
+    mask = _numpy(frame, "action_mask") if "action_mask" in frame.columns else None
+    next_mask = _numpy(frame, "next_action_mask") if "next_action_mask" in frame.columns else None
+    if mask is not None:
+        if (row := first(~mask.any(axis=1))) is not None:
+            raise fail(row, f"the action_mask at t={t[row]} admits no action")
+        if (row := first(~mask[rows, action])) is not None:
+            raise fail(row, f"the action_mask at t={t[row]} excludes the logged action {action[row]}")
+    if next_mask is not None:
+        if (row := first(~next_mask.any(axis=1) & ~terminated)) is not None:
+            raise fail(row, f"the next_action_mask at t={t[row]} admits no action, but the episode goes on")
+        if mask is not None and (row := first(same & _rows_differ(next_mask[:-1], mask[1:]))) is not None:
+            raise fail(
+                row, f"the next_action_mask at t={t[row]} differs from the action_mask at t={t[row + 1]}"
+            )
+
+    obs, next_obs = _numpy(frame, "obs"), _numpy(frame, "next_obs")
+    if (row := first(same & _rows_differ(next_obs[:-1], obs[1:]))) is not None:
+        raise fail(row, f"the next_obs at t={t[row]} differs from the obs at t={t[row + 1]}")
+
+    n_states = _state_count(meta)
+    for name in ("state_index", "next_state_index"):
+        if name not in frame.columns:
+            continue
+        index = _numpy(frame, name)
+        outside = (index < 0) | (index >= n_states) if n_states is not None else index < 0
+        if (row := first(outside)) is not None:
+            states = f"0..{n_states - 1}" if n_states is not None else "0 or more"
+            raise fail(
+                row, f"{name} {index[row]} at t={t[row]} is not a state of the env (expected {states})"
+            )
+    if "state_index" in frame.columns:
+        state = _numpy(frame, "state_index")
+        pairs = [(state, obs, "obs", np.arange(frame.height))]
+        if "next_state_index" in frame.columns:
+            next_state = _numpy(frame, "next_state_index")
+            if (row := first(same & (next_state[:-1] != state[1:]))) is not None:
+                raise fail(
+                    row,
+                    f"the next_state_index at t={t[row]} ({next_state[row]}) differs from the state_index at "
+                    f"t={t[row + 1]} ({state[row + 1]})",
+                )
+            # within an episode the next pair is the next row's pair (checked above): only the last rows add
+            ends = np.flatnonzero(last)
+            pairs.append((next_state[ends], next_obs[ends], "next_obs", ends))
+        # one observation per state: store any row's observation under its index; if every row agrees with
+        # what was stored, each index names one observation, whichever row the store kept
+        index_all = np.concatenate([p[0] for p in pairs])
+        if index_all.max() < 4 * len(index_all):
+            slots = index_all
+        else:  # sparse indices: number them densely first
+            slots = np.unique(index_all, return_inverse=True)[1].reshape(-1)
+        reference = np.zeros((int(slots.max()) + 1, obs.shape[1]), obs.dtype)
+        offset = 0
+        for index, values, _, _ in pairs:
+            reference[slots[offset : offset + len(index)]] = values
+            offset += len(index)
+        offset = 0
+        for index, values, name, at in pairs:
+            bad = _rows_differ(values, reference, slots[offset : offset + len(index)])
+            offset += len(index)
+            if (hit := first(bad)) is not None:
+                row = int(at[hit])
+                raise fail(
+                    row,
+                    f"state {index[hit]} has a different {name} at t={t[row]} than elsewhere in the file; a "
+                    "state_index must name one observation",
+                )
+    return frame
 
 
 def write_replay(
@@ -238,12 +443,14 @@ def write_replay(
     """Validate and write a replay atomically. Returns the metadata as written (with the content hash)."""
     path = Path(path)
     meta = {"schema_version": SCHEMA_VERSION, "action_encoding": ACTION_ENCODING, **meta}
-    validate_frame(frame, meta, path)
+    frame = validate_frame(frame, meta, path)  # rows in (episode_id, t) order
     meta["n_transitions"] = frame.height
     meta["n_episodes"] = int(frame.get_column("episode_id").n_unique())
-    meta["content_hash"] = content_hash(frame)
+    meta["content_hash"] = content_hash(frame, path)
     with atomic_file(path, overwrite=overwrite) as tmp:
-        frame.write_parquet(tmp, compression="zstd", metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        frame.write_parquet(
+            tmp, compression="zstd", metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)}
+        )
     return meta
 
 
@@ -272,9 +479,10 @@ def load_replay(path: str | os.PathLike, verify_hash: bool = True) -> Replay:
         frame = pl.read_parquet(path)
     except Exception as err:
         raise _fail(path, f"could not be read ({type(err).__name__}: {err})") from None
-    validate_frame(frame, meta, path)
-    if verify_hash and content_hash(frame) != meta.get("content_hash"):
+    check_format(frame, meta, path)
+    if verify_hash and content_hash(frame, path) != meta.get("content_hash"):
         raise _fail(path, "content hash does not match its metadata; the rows were changed after writing")
+    frame = check_structure(frame, meta, path)
     return frame_to_replay(frame, meta, path)
 
 
@@ -369,8 +577,9 @@ def _group_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         hashes = (words * coefficients).sum(axis=1, dtype=np.uint64)
     _, first, inverse, counts = np.unique(hashes, return_index=True, return_inverse=True, return_counts=True)
     if not np.array_equal(words[first][inverse], words):  # a hash collision: group exactly instead
-        _, first, inverse, counts = np.unique(words, axis=0, return_index=True, return_inverse=True,
-                                              return_counts=True)
+        _, first, inverse, counts = np.unique(
+            words, axis=0, return_index=True, return_inverse=True, return_counts=True
+        )
     return first, inverse.reshape(-1), counts
 
 

@@ -31,7 +31,6 @@ import itertools
 import json
 import math
 import platform
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import polars as pl
 
+from cleansepsis import interrupts
 from cleansepsis.checkpoint import save_checkpoint
 from cleansepsis.io import OutputExistsError, atomic_dir, write_json
 from cleansepsis.replay import Replay, ReplayError, Transitions, load_replay
@@ -82,14 +82,9 @@ USER_ERRORS = (RunError, ReplayError, OutputExistsError, FileNotFoundError)
 
 def cli_main(main: Callable[[], None]) -> None:
     """Run a script's main(), turning the project's errors into `error: ...` on stderr and exit code 1."""
-    try:
-        main()
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        raise SystemExit(130) from None
+    status = interrupts.run_cli(main, USER_ERRORS)  # Ctrl-C, also when swallowed on the way: status 130
+    if status:
+        raise SystemExit(status)
 
 
 # --------------------------------------------------------------------------------------------------

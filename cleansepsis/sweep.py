@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cleansepsis import interrupts
+
 HOST_DEVICES_VARIABLE = "CLEANSEPSIS_HOST_DEVICES"
 DISTRIBUTED_VARIABLE = "CLEANSEPSIS_DISTRIBUTED"
 VMAP_WIDTH_VARIABLE = "CLEANSEPSIS_VMAP_WIDTH"
@@ -129,6 +131,7 @@ _progress: dict[str, Any] = {"bar": None}
 
 
 def _advance(value: Any = None) -> None:
+    interrupts.check()  # a Ctrl-C swallowed earlier stops the compiled program here (see interrupts.py)
     bar = _progress["bar"]
     if bar is not None:
         if value is not None:
@@ -253,8 +256,9 @@ def run_sweep(
         _progress["bar"] = bar
         try:
             t0, cpu0 = time.perf_counter(), time.process_time()
-            out = jax.block_until_ready(compiled(*args))
-            jax.effects_barrier()
+            with interrupts.stop_point():  # Ctrl-C inside the program comes back as another error
+                out = jax.block_until_ready(compiled(*args))
+                jax.effects_barrier()
             train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
         finally:
             _progress["bar"] = None

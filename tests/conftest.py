@@ -24,14 +24,17 @@ def make_tiny_replay(n_episodes: int = 4, steps: int = 3, seed: int = 0) -> tupl
     episode = np.repeat(np.arange(n_episodes), steps)
     t = np.tile(np.arange(steps), n_episodes)
     last = t == steps - 1
+    obs = rng.normal(size=(n, OBS_DIM)).astype(np.float32)
+    next_obs = rng.normal(size=(n, OBS_DIM)).astype(np.float32)
+    next_obs[:-1][~last[:-1]] = obs[1:][~last[:-1]]  # within an episode, next_obs is the next row's obs
     frame = pl.DataFrame(
         [
             pl.Series("episode_id", episode, pl.Int64),
             pl.Series("t", t, pl.Int32),
-            pl.Series("obs", rng.normal(size=(n, OBS_DIM)).astype(np.float32), pl.Array(pl.Float32, OBS_DIM)),
+            pl.Series("obs", obs, pl.Array(pl.Float32, OBS_DIM)),
             pl.Series("action", rng.integers(0, N_ACTIONS, n), pl.Int32),
             pl.Series("reward", last.astype(np.float32), pl.Float32),
-            pl.Series("next_obs", rng.normal(size=(n, OBS_DIM)).astype(np.float32), pl.Array(pl.Float32, OBS_DIM)),
+            pl.Series("next_obs", next_obs, pl.Array(pl.Float32, OBS_DIM)),
             pl.Series("terminated", last, pl.Boolean),
             pl.Series("truncated", np.zeros(n, bool), pl.Boolean),
             pl.Series("split", np.where(episode == n_episodes - 1, "test", "train"), pl.String),

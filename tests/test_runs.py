@@ -27,9 +27,14 @@ def write_probe_replay(path, obs, action, reward, next_obs, terminated, episode_
     """A small replay from numpy arrays, written with the project's own writer (shared by the learner tests)."""
     obs = np.asarray(obs, np.float32)
     n, obs_dim = obs.shape
+    episode = np.asarray(episode_id, np.int64)
+    order = np.argsort(episode, kind="stable")  # t: the row's step within its episode, in file order
+    starts = np.r_[True, episode[order][1:] != episode[order][:-1]]
+    t = np.empty(n, np.int32)
+    t[order] = np.arange(n) - np.maximum.accumulate(np.where(starts, np.arange(n), 0))
     columns = {
-        "episode_id": np.asarray(episode_id, np.int64),
-        "t": np.zeros(n, np.int32),
+        "episode_id": episode,
+        "t": t,
         "obs": obs,
         "action": np.asarray(action, np.int32),
         "reward": np.asarray(reward, np.float32),
