@@ -26,7 +26,7 @@ Modelling choices (not from a published model; each is a field of `VancoParams`)
 Reward of interval k, from the exposure over the last 24 h (AUC24; the first interval counts twice):
     1 inside the Rybak et al. 2020 target 400-600 mg*h/L; below it 1 - (400 - AUC24) / 200, at least -1;
     above it 1 - (AUC24 - 600) / 100, at least -2; minus `aki_penalty` for an AKI event in the interval.
-So a return lies in [-8 (2 + aki_penalty), 8].
+So a return lies in [-8 (2 + aki_penalty), 8], that is [-40, 8] at the defaults.
 
 What a clinician sees (the observation, `OBS_FEATURES`): age, weight, sex, dialysis, today's measured
 creatinine and its Cockcroft-Gault clearance, the admission creatinine, time, doses given, the last dose and
