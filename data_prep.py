@@ -45,9 +45,9 @@ SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
 }
 
 # what each subcommand's --out names; a subcommand missing here gets the checks that hold for both
-OUTPUT_KINDS = {
-    "icu-sepsis": "file", "mimic": "dir", "synth": "dir", "sepsis-sim": "file", "mdp": "dir", "export-minari": "dir",
-}
+OUTPUT_KINDS = {"icu-sepsis": "file", "mimic": "dir", "synth": "dir", "sepsis-sim": "file", "mdp": "dir"}
+# --out names a folder of several outputs; the builder checks its own target in it before the work
+OUTPUT_ROOTS = {"export-minari"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     def work() -> None:
-        if getattr(args, "out", None) is not None:  # before the work: an unusable --out fails in a second
+        if getattr(args, "out", None) is not None and name not in OUTPUT_ROOTS:  # before the work: an unusable --out fails in a second
             check_output(args.out, OUTPUT_KINDS.get(name), overwrite=bool(getattr(args, "overwrite", False)))
         build(args)
 

@@ -430,11 +430,23 @@ def map_replay_frame(
         for c in frame.columns
         if c not in ("_row", "state_index", "next_state_index", "action_mask", "next_action_mask")
     ]
+    # A logged action the model found too rare stays admissible in its own row, so that every learner's
+    # loss can see it (the replay refuses a mask that excludes the logged action); the next row's mask is
+    # then the next_action_mask within an episode, and the model's mask at the episode's end.
+    action = frame.get_column("action").to_numpy()
+    row_mask = mask[state].copy()
+    row_mask[np.arange(len(action)), action] = True
+    next_mask = mask[next_state].copy()
+    episode = frame.get_column("episode_id").to_numpy()
+    t = frame.get_column("t").to_numpy()
+    order = np.lexsort((t, episode))
+    goes_on = episode[order][1:] == episode[order][:-1]
+    next_mask[order[:-1][goes_on]] = row_mask[order[1:][goes_on]]
     mapped = frame.select(columns).with_columns(
         pl.Series("state_index", state, pl.Int32),
         pl.Series("next_state_index", next_state, pl.Int32),
-        pl.Series("action_mask", mask[state], pl.Array(pl.Boolean, mask.shape[1])),
-        pl.Series("next_action_mask", mask[next_state], pl.Array(pl.Boolean, mask.shape[1])),
+        pl.Series("action_mask", row_mask, pl.Array(pl.Boolean, mask.shape[1])),
+        pl.Series("next_action_mask", next_mask, pl.Array(pl.Boolean, mask.shape[1])),
     )
     meta = {
         k: v
@@ -442,6 +454,8 @@ def map_replay_frame(
         if k not in ("n_transitions", "n_episodes", "content_hash", "schema_version", "action_encoding")
     }
     meta["env_id"] = ENV_ID
+    meta["n_states"] = int(mask.shape[0])
+    meta["state_index_kind"] = "cluster"  # many observations per state: the rows keep their real obs
     meta["source"] = "cohort-mdp"  # not the source's name: its dynamics are this MDP's now
     meta["reward"] = f"the source replay's: {source_meta.get('reward')}"
     meta["args"] = {

@@ -37,7 +37,7 @@ import numpy as np
 import polars as pl
 import tyro
 
-from cleansepsis.io import OutputExistsError, atomic_dir
+from cleansepsis.io import atomic_dir, check_output
 from cleansepsis.replay import REQUIRED_COLUMNS, ReplayError, content_hash, read_metadata, validate_frame
 
 INSTALL_HINT = (
@@ -183,8 +183,7 @@ def export_minari(args: ExportMinariArgs) -> Path:
         raise MinariExportError(f"--dataset-id {dataset_id!r}: {err}") from None
     out = Path(args.out)
     target = out / dataset_id
-    if target.exists() and not args.overwrite:
-        raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it")
+    check_output(target, "dir", overwrite=args.overwrite)  # before the work: exists, or cannot be written
 
     meta = read_metadata(path)
     frame = pl.read_parquet(path)
@@ -225,8 +224,8 @@ def export_minari(args: ExportMinariArgs) -> Path:
             dataset_meta[NAMESPACE] = meta
             with open(built / "data" / "metadata.json", "w") as handle:
                 json.dump(dataset_meta, handle)
-        os.rmdir(final)
-        shutil.move(str(built), final)
+        for child in built.iterdir():  # into the atomic folder, beside its own marker file
+            shutil.move(str(child), final / child.name)
     if namespace is not None:
         with datasets_path(out):
             from minari.namespace import create_namespace, list_local_namespaces

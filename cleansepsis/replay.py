@@ -394,7 +394,8 @@ def check_structure(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str 
             raise fail(
                 row, f"{name} {index[row]} at t={t[row]} is not a state of the env (expected {states})"
             )
-    if "state_index" in frame.columns:
+    # a cohort MDP's state is a cluster of observations (metadata state_index_kind "cluster"): many per state
+    if "state_index" in frame.columns and meta.get("state_index_kind") != "cluster":
         state = _numpy(frame, "state_index")
         pairs = [(state, obs, "obs", np.arange(frame.height))]
         if "next_state_index" in frame.columns:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cleansepsis import interrupts, io, runs
+from cleansepsis import interrupts, io, runs, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,13 +135,13 @@ def test_ctrl_c_inside_a_compiled_programs_callback_is_an_interrupt_not_a_runtim
 
     jax.debug.callback  # noqa: B018 (the progress callback is where the signal lands)
     with interrupts.handling():
-        original = runs._advance
-        runs._advance = lambda *a: (interrupt_once(), original(*a))
+        original = sweep._advance
+        sweep._advance = lambda *a: (interrupt_once(), original(*a))
         try:
             with pytest.raises(KeyboardInterrupt):
                 runs.run_sweep(train, [0], {"x": jnp.zeros(1)}, n_ticks=20)
         finally:
-            runs._advance = original
+            sweep._advance = original
     assert len(calls) < 20  # stopped early, not at the end
 
 
@@ -164,13 +164,13 @@ def test_ctrl_c_swallowed_inside_a_compiled_program_stops_it_at_the_next_tick():
                 pass  # as JAX's gc callback does
 
     with interrupts.handling():
-        original = runs._advance
-        runs._advance = lambda *a: (swallow_once(), original(*a))
+        original = sweep._advance
+        sweep._advance = lambda *a: (swallow_once(), original(*a))
         try:
             with pytest.raises(KeyboardInterrupt):
                 runs.run_sweep(train, [0], {"x": jnp.zeros(1)}, n_ticks=20)
         finally:
-            runs._advance = original
+            sweep._advance = original
     assert len(calls) == 3  # stopped at the tick where it arrived, not after all 20
 
 

@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 
 import data_prep
+from cleansepsis import replay as replay_module
 from cleansepsis.minari_export import ExportMinariArgs, MinariExportError, datasets_path, export_minari
 from cleansepsis.replay import write_replay
 
@@ -29,23 +30,24 @@ def chained_replay(lengths=(3, 1, 5, 2), seed=0) -> tuple[pl.DataFrame, dict]:
         states = rng.normal(size=(length + 1, OBS_DIM)).astype(np.float32)
         last = np.arange(length) == length - 1
         truncated = last & (e % 2 == 1)
+        action = rng.integers(0, N_ACTIONS, length)
+        mask = rng.random((length, N_ACTIONS)) < 0.8
+        mask[np.arange(length), action] = True  # a replay's mask admits the logged action
         parts.append(
             pl.DataFrame(
                 [
                     pl.Series("episode_id", np.full(length, 1000 + 7 * e), pl.Int64),
                     pl.Series("t", np.arange(length), pl.Int32),
                     pl.Series("obs", states[:-1], pl.Array(pl.Float32, OBS_DIM)),
-                    pl.Series("action", rng.integers(0, N_ACTIONS, length), pl.Int32),
+                    pl.Series("action", action, pl.Int32),
                     pl.Series("reward", rng.normal(size=length).astype(np.float32), pl.Float32),
                     pl.Series("next_obs", states[1:], pl.Array(pl.Float32, OBS_DIM)),
                     pl.Series("terminated", last & ~truncated, pl.Boolean),
                     pl.Series("truncated", truncated, pl.Boolean),
                     pl.Series("split", [("train", "val", "test")[e % 3]] * length, pl.String),
                     pl.Series("behavior_prob", rng.uniform(0.1, 1, length).astype(np.float32), pl.Float32),
-                    pl.Series("state_index", rng.integers(0, 700, length), pl.Int32),
-                    pl.Series(
-                        "action_mask", rng.random((length, N_ACTIONS)) < 0.8, pl.Array(pl.Boolean, N_ACTIONS)
-                    ),
+                    pl.Series("state_index", 100 * e + np.arange(length), pl.Int32),  # one obs per state
+                    pl.Series("action_mask", mask, pl.Array(pl.Boolean, N_ACTIONS)),
                     pl.Series("map_mmhg", np.where(rng.random(length) < 0.3, np.nan, 70.0), pl.Float32),
                 ]
             )
@@ -136,12 +138,14 @@ def test_refusals_are_one_clear_error(tmp_path, capsys, monkeypatch):
         .otherwise(pl.col("next_obs"))
         .alias("next_obs")
     )
-    write_replay(tmp_path / "broken.parquet", broken, meta)
+    with monkeypatch.context() as patched:  # write_replay refuses it; a file from elsewhere need not
+        patched.setattr(replay_module, "check_structure", lambda frame, meta, path=None: frame)
+        write_replay(tmp_path / "broken.parquet", broken, meta)
     assert (
         data_prep.main(["export-minari", str(tmp_path / "broken.parquet"), "--out", str(tmp_path / "b")]) == 1
     )
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "episode_id 1000 step t = 1" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "episode 1000: the next_obs at t=1" in err and err.count("\n") == 1
     assert not (tmp_path / "b" / "cleansepsis" / "broken-v0").exists()
 
 
