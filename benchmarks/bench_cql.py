@@ -112,7 +112,7 @@ def time_cql(data: Transitions, num_seeds: int, updates: int, repeats: int, batc
     """(median compile seconds, median seed-updates per second) of cql.py's train for `num_seeds` seeds, run
     the way cql.py runs it: runs.run_sweep (seeds split over the host devices). The first call is a warm-up."""
     args = dataclasses.replace(
-        cql.Args(), total_updates=updates, eval_every=updates, batch_size=batch, hidden=HIDDEN
+        cql.Args(), num_updates=updates, eval_every=updates, batch_size=batch, hidden=HIDDEN, lr_schedule="cosine"
     )
     train = cql.make_train(args, OBS_DIM, N_ACTIONS)
     _, hparams = runs.make_hparam_grid({"alpha": 1.0, "learning_rate": 1e-3, "gamma": 0.99})
