@@ -16,7 +16,7 @@ them train in one compiled program.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import chex
 import equinox as eqx
@@ -27,46 +27,64 @@ import optax
 import tyro
 
 from cleansepsis import runs
-from cleansepsis.checkpoint import linear_layers
+from cleansepsis.networks import MLP, export_mlp
 from cleansepsis.replay import SPLITS, Transitions
 
 
 @dataclass(frozen=True)
 class Args:
     replay: str | None = None
-    """replay parquet to train on; default: the built-in ICU-Sepsis clinician replay (10,000 episodes)"""
-    learning_rate: tuple[float, ...] = (1e-3,)
-    """Adam learning rate; several values are swept"""
+    """replay parquet to train on; default: the built-in ICU-Sepsis clinician replay (10,000 episodes, seed 0)"""
+    split: str = "train"
+    """replay split to train on (train, val or test); the others present are held out"""
     weight_decay: tuple[float, ...] = (0.0,)
     """decoupled weight decay (AdamW); several values are swept"""
-    hidden: int = 64
-    """width of the hidden layers"""
-    depth: int = 2
-    """number of hidden layers"""
+    learning_rate: tuple[float, ...] | None = None
+    """AdamW learning rate; several values are swept. Default: AUTO below"""
+    lr_schedule: Literal["auto", "cosine", "constant"] = "auto"
+    """cosine: decay the learning rate to zero over the run; auto: AUTO below"""
+    hidden: tuple[int, ...] | None = None
+    """hidden layer widths, e.g. --hidden 256 256. Default: AUTO below"""
     batch_size: int = 256
     """transitions per update"""
-    num_updates: int = 5_000
-    """gradient updates per policy"""
+    num_updates: int | None = None
+    """gradient updates per policy. Default: AUTO below"""
     eval_every: int = 1_000
-    """updates between evaluations (exact on ICU-Sepsis replays, held-out likelihood when val/test exist)"""
+    """updates between evaluations (exact on ICU-Sepsis replays, held-out likelihood when other splits exist)"""
+    save_every: int = 0
+    """also keep a checkpoint of every policy every this many updates (0: only the final one)"""
     seed: int = 0
-    """first seed; seeds are seed, seed+1, ..."""
+    """first seed; the run trains seeds seed, seed+1, ..., the same seeds in every setting"""
     num_seeds: int = 5
-    """number of seeds trained at once"""
-    name: str = "default"
-    """run name, part of the run folder's name"""
+    """seeds per setting, trained side by side in one compiled program"""
     run_dir: str | None = None
-    """run folder; default runs/bc__<name>__<time>"""
+    """run folder to write; default runs/<script>__<run name>__<YYYYmmdd-HHMMSS>"""
+    run_name: str = "default"
+    """run name, part of the default run folder's name"""
     overwrite: bool = False
-    """replace an existing --run-dir"""
+    """replace an existing --run-dir (only a folder a learner wrote)"""
 
     @property
     def num_evals(self) -> int:
         return self.num_updates // self.eval_every
 
+    @property
+    def evals_per_save(self) -> int:
+        return self.save_every // self.eval_every
 
-def make_mlp(in_size: int, out_size: int, args: Args, key: jax.Array) -> eqx.nn.MLP:
-    return eqx.nn.MLP(in_size, out_size, args.hidden, args.depth, activation=jax.nn.relu, key=key)
+
+# Defaults (BC trains on minibatches only; its clone is within 0.001 of the clinician at these values).
+AUTO = {"minibatch": {"learning_rate": (1e-3,), "lr_schedule": "constant", "hidden": (64, 64), "num_updates": 5_000}}
+
+
+def check_args(args: Args) -> None:
+    """This algorithm's own options; the shared ones are checked by runs.check_common_args."""
+    for decay in args.weight_decay:
+        runs.require(decay >= 0, f"--weight-decay values must be at least 0, got {decay}")
+
+
+def make_mlp(in_size: int, out_size: int, args: Args, key: jax.Array) -> MLP:
+    return MLP(in_size, out_size, args.hidden, key)
 
 
 def masked_log_probs(logits: jnp.ndarray, mask: jnp.ndarray, action: jnp.ndarray) -> jnp.ndarray:
@@ -85,8 +103,9 @@ def nll_and_accuracy(logits: jnp.ndarray, mask: jnp.ndarray, action: jnp.ndarray
 
 
 def make_train(args: Args, data: Transitions, held_out: dict[str, Transitions], env_params: Any):
-    """A pure train(key, hparams[, inputs]) -> (final params, metrics (num_evals,)) for one seed and one
-    setting; inputs defaults to (data, held_out, env_params)."""
+    """A pure train(key, hparams[, inputs]) -> (final params, metrics (num_evals,), params saved every
+    --save-every updates or None) for one seed and one setting; inputs defaults to (data, held_out,
+    env_params)."""
     obs_dim, n_actions = data.obs.shape[1], data.action_mask.shape[1]
     static = eqx.partition(make_mlp(obs_dim, n_actions, args, jax.random.PRNGKey(0)), eqx.is_array)[1]
 
@@ -101,8 +120,9 @@ def make_train(args: Args, data: Transitions, held_out: dict[str, Transitions], 
         data, held_out, env_params = inputs  # passed as arguments by run_sweep: not compiled in as constants
         key, init_key = jax.random.split(key)
         params = eqx.filter(make_mlp(obs_dim, n_actions, args, init_key), eqx.is_array)
-        optimiser = optax.inject_hyperparams(optax.adamw)(
-            learning_rate=hparams["learning_rate"], weight_decay=hparams["weight_decay"]
+        optimiser = optax.adamw(
+            lambda count: runs.learning_rate_at(hparams["learning_rate"], count, args.num_updates, args.lr_schedule),
+            weight_decay=hparams["weight_decay"],
         )
         opt_state = optimiser.init(params)
 
@@ -130,30 +150,30 @@ def make_train(args: Args, data: Transitions, held_out: dict[str, Transitions], 
             runs.tick(metrics.get("exact_return"))
             return carry, metrics
 
-        (params, _, _), metrics = jax.lax.scan(evaluate, (params, opt_state, key), None, length=args.num_evals)
-        return params, metrics
+        (params, _, _), metrics, saved = runs.scan_evaluations(
+            evaluate, (params, opt_state, key), args.num_evals, args.evals_per_save, lambda carry: carry[0]
+        )
+        return params, metrics, saved
 
     return train, static
 
 
-def export_policy(params: Any, static: Any, depth: int) -> tuple[dict[str, np.ndarray], dict]:
-    names = [f"hidden_{i}" for i in range(depth)] + ["output"]
-    network = {"kind": "mlp", "activation": "relu", "hidden": names[:-1], "output": "output"}
-    return linear_layers(eqx.combine(params, static), names), network
-
-
-def main() -> None:
-    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
+    runs.check_common_args(args)  # everything that can be checked before any work
+    check_args(args)
+    run_dir = runs.check_run_dir(args, __file__)
     runs.use_host_devices(args.num_seeds)  # before JAX's first operation
-    if args.num_evals < 1:
-        raise runs.RunError(f"--num-updates {args.num_updates} is smaller than --eval-every {args.eval_every}")
-    replay, data, env_params = runs.load_training_data(args.replay)
+    runs.enable_compilation_cache()
+    replay, data, env_params = runs.load_training_data(args.replay, args.split)
+    args, defaults = runs.resolve_defaults(args, AUTO, full_batch=False)
+    runs.print_plan("bc", args, defaults, "behaviour cloning trains on minibatches")
     present = set(np.unique(np.asarray(replay.data.split)).tolist())
-    held_out = {name: replay.split(name) for name in ("val", "test") if SPLITS.index(name) in present}
+    held_out = {name: replay.split(name) for name in SPLITS if name != args.split and SPLITS.index(name) in present}
     settings, hparams = runs.make_hparam_grid({"learning_rate": args.learning_rate, "weight_decay": args.weight_decay})
     seeds = runs.seed_list(args.seed, args.num_seeds)
     train, static = make_train(args, data, held_out, env_params)
-    (params, metrics), timing = runs.run_sweep(
+    (params, metrics, saved), timing = runs.run_sweep(
         train, seeds, hparams, n_ticks=args.num_evals, desc="bc", inputs=(data, held_out, env_params)
     )
     steps = np.arange(1, args.num_evals + 1) * args.eval_every
@@ -162,12 +182,13 @@ def main() -> None:
     columns = ["exact_return", "greedy_return"] + [f"{n}_{m}" for n in held_out for m in ("accuracy", "nll")]
     runs.print_results_table("bc", settings, seeds, metrics, reference, columns=columns)
     path = runs.finish_run(
-        algo="bc", args=args, replay=replay, settings=settings, seeds=seeds, steps=steps, metrics=metrics,
-        export=lambda s, i: export_policy(runs.index_run(params, s, i), static, args.depth),
-        outputs="logits", timing=timing, n_updates=args.num_updates, reference=reference,
-        run_dir=args.run_dir, name=args.name, overwrite=args.overwrite,
+        algo="bc", script=__file__, args=args, replay=replay, settings=settings, seeds=seeds, steps=steps,
+        metrics=metrics, outputs="logits", timing=timing, n_updates=args.num_updates,
+        export=lambda s, i, k: export_mlp(runs.policy_at(params, saved, s, i, k), static),
+        saved_updates=runs.updates_at_saves(args.num_updates, args.save_every), reference=reference,
+        run_dir=run_dir, overwrite=args.overwrite, extra_summary={"defaults": defaults},
     )
-    print(f"compile {timing['compile_seconds']:.1f} s, train {timing['train_seconds']:.1f} s; wrote {path}")
+    runs.print_timing(timing, path)
 
 
 if __name__ == "__main__":

@@ -6,19 +6,18 @@ Loss per batch = TD + alpha * CQL, where
     CQL = mean logsumexp_{a admissible} Q(s, a) - Q(s, a_data)
 The two terms are logged separately. Actions are `5 * fluid_level + vaso_level`.
 
-    uv run python cql.py --alpha 0.1 0.5 1 --num-seeds 5
-    # every update on the whole replay (exact gradients): 0.8707 on the 100k replay in 2 minutes
-    uv run python cql.py --replay data/icu100k.parquet --full-batch --alpha 0.001 --learning-rate 3e-3 --total-updates 6000
+    uv run python cql.py --replay data/icu100k.parquet      # 5 seeds; whole-replay updates chosen from the data
+    uv run python cql.py --alpha 0.001 0.01 0.1 --num-seeds 3
 
 With no `--replay`, trains on the built-in ICU-Sepsis clinician replay and evaluates every greedy policy
-exactly on the ICU-Sepsis MDP inside the compiled program.
+exactly on the ICU-Sepsis MDP inside the compiled program. On a replay whose observations repeat
+(ICU-Sepsis) every update uses the whole replay; on MIMIC-IV, minibatches (docs/learners.md).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import chex
 import equinox as eqx
@@ -29,82 +28,87 @@ import optax
 import tyro
 
 from cleansepsis import runs
-from cleansepsis.checkpoint import linear_layers
-from cleansepsis.replay import DistinctTransitions, Transitions, distinct_transitions
-
-ALGO = "cql"
+from cleansepsis.full_batch import FullBatch
+from cleansepsis.networks import MLP, array_part, export_mlp, static_part
+from cleansepsis.replay import Transitions
 
 
 @dataclass(frozen=True)
 class Args:
     replay: str | None = None
-    """Replay parquet to train on; default: the built-in ICU-Sepsis clinician replay (10,000 episodes, seed 0)."""
-    alpha: tuple[float, ...] = (0.02,)
-    """CQL weight(s); several values train one setting each in the same compiled program."""
-    learning_rate: tuple[float, ...] = (1e-3,)
-    """Adam learning rate(s), swept like alpha."""
-    gamma: tuple[float, ...] = (1.0,)
-    """Discount(s). ICU-Sepsis rewards survival once, so gamma = 1 values the survival probability."""
-    num_seeds: int = 5
-    """Seeds per setting, trained side by side under one vmap."""
-    seed: int = 0
-    """First seed; the run trains seeds seed, seed+1, ..., each with the same seeds in every setting."""
-    total_updates: int = 20_000
-    """Gradient updates per policy."""
-    eval_every: int = 1_000
-    """Updates between logged metrics (and exact evaluations on ICU-Sepsis)."""
-    batch_size: int = 256
-    """Transitions per update."""
-    full_batch: bool = False
-    """Every update uses the whole replay (its distinct transitions, weighted by count; --batch-size is
-    ignored): the exact gradient of the loss that minibatches estimate, so the result no longer carries
-    sampling noise. An update costs one pass over the distinct observations, so on ICU-Sepsis it is as cheap
-    as a small batch."""
-    hidden: tuple[int, ...] = (128, 128)
-    """Hidden layer widths of the Q network (ReLU)."""
-    target_update_every: int = 100
-    """Updates between hard copies of the online network into the target network."""
-    lr_decay: bool = True
-    """Cosine-decay the learning rate to zero over the run (less noise in the final values)."""
-    max_grad_norm: float = 10.0
-    """Gradients are clipped to this global norm."""
+    """replay parquet to train on; default: the built-in ICU-Sepsis clinician replay (10,000 episodes, seed 0)"""
     split: str = "train"
-    """Replay split to train on."""
+    """replay split to train on (train, val or test)"""
+    alpha: tuple[float, ...] | None = None
+    """CQL weight; several values are swept (0 is plain Double DQN). Default: chosen with the batch mode
+    (AUTO below): small under full batch, where on ICU-Sepsis every admissible action is in the data"""
+    gamma: tuple[float, ...] = (1.0,)
+    """discount; several values are swept. ICU-Sepsis rewards survival once, so gamma = 1 values the
+    survival probability"""
+    target_update_every: int = 100
+    """updates between hard copies of the online network into the target network"""
+    max_grad_norm: float = 10.0
+    """gradients are clipped to this global norm"""
+    learning_rate: tuple[float, ...] | None = None
+    """Adam learning rate; several values are swept. Default: chosen with the batch mode (AUTO below)"""
+    lr_schedule: Literal["auto", "cosine", "constant"] = "auto"
+    """cosine: decay the learning rate to zero over the run (less SGD noise at the end); auto: chosen with
+    the batch mode (AUTO below)"""
+    hidden: tuple[int, ...] | None = None
+    """hidden layer widths of the Q network, e.g. --hidden 256 256. Default: chosen with the batch mode"""
+    batch_size: int = 256
+    """transitions per update with minibatches"""
+    full_batch: bool = False
+    """every update uses the whole replay (its distinct transitions, weighted by count): the exact gradient
+    of the loss that minibatches estimate, free of sampling noise. Default: chosen from the replay's
+    distinct observations (full batch when they repeat, as on ICU-Sepsis; minibatches on MIMIC-IV)"""
+    minibatch: bool = False
+    """train on minibatches of --batch-size even where the full batch would be chosen"""
+    num_updates: int | None = None
+    """gradient updates per policy. Default: chosen with the batch mode"""
+    eval_every: int = 1_000
+    """updates between logged metrics (and exact evaluations on ICU-Sepsis replays)"""
+    save_every: int = 0
+    """also keep a checkpoint of every policy every this many updates (0: only the final one)"""
+    seed: int = 0
+    """first seed; the run trains seeds seed, seed+1, ..., the same seeds in every setting"""
+    num_seeds: int = 5
+    """seeds per setting, trained side by side in one compiled program"""
     run_dir: str | None = None
-    """Run folder to write; default `runs/cql__<name>__<YYYYmmdd-HHMMSS>`."""
-    name: str = "default"
-    """Name used in the default run folder."""
+    """run folder to write; default runs/<script>__<run name>__<YYYYmmdd-HHMMSS>"""
+    run_name: str = "default"
+    """run name, part of the default run folder's name"""
+    overwrite: bool = False
+    """replace an existing --run-dir (only a folder a learner wrote)"""
 
     @property
     def num_evals(self) -> int:
-        return self.total_updates // self.eval_every
+        return self.num_updates // self.eval_every
+
+    @property
+    def evals_per_save(self) -> int:
+        return self.save_every // self.eval_every
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Network
+# Defaults for each batch mode (docs/learners.md has the measurements behind them). Full batch: no SGD
+# noise, so a large cosine-decayed learning rate converges in few updates. Minibatches (MIMIC-IV): the
+# defaults this learner has always had.
+AUTO = {
+    "full batch": {"alpha": (0.001,), "learning_rate": (3e-3,), "lr_schedule": "cosine", "hidden": (128, 128),
+                   "num_updates": 6_000},
+    "minibatch": {"alpha": (0.02,), "learning_rate": (1e-3,), "lr_schedule": "cosine", "hidden": (128, 128),
+                  "num_updates": 20_000},
+}
 
 
-class QNetwork(eqx.Module):
-    """MLP from one observation (obs_dim,) to action values (n_actions,)."""
-
-    layers: list[eqx.nn.Linear]
-
-    def __init__(self, obs_dim: int, n_actions: int, hidden: tuple[int, ...], key: jax.Array):
-        widths = [obs_dim, *hidden, n_actions]
-        keys = jax.random.split(key, len(widths) - 1)
-        self.layers = [
-            eqx.nn.Linear(i, o, key=k) for i, o, k in zip(widths[:-1], widths[1:], keys, strict=True)
-        ]
-
-    def __call__(self, obs: jax.Array) -> jax.Array:
-        x = obs
-        for layer in self.layers[:-1]:
-            x = jax.nn.relu(layer(x))
-        return self.layers[-1](x)
-
-
-def layer_names(hidden: tuple[int, ...]) -> list[str]:
-    return [*(f"hidden_{i}" for i in range(len(hidden))), "output"]
+def check_args(args: Args) -> None:
+    """This algorithm's own options; the shared ones are checked by runs.check_common_args."""
+    for alpha in args.alpha or ():
+        runs.require(alpha >= 0, f"--alpha values must be at least 0, got {alpha}")
+    for gamma in args.gamma:
+        runs.require(0 <= gamma <= 1, f"--gamma values must be in [0, 1], got {gamma}")
+    runs.require(args.target_update_every >= 1, f"--target-update-every must be at least 1, got {args.target_update_every}")
+    runs.require(args.max_grad_norm > 0, f"--max-grad-norm must be positive, got {args.max_grad_norm}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,7 +180,7 @@ def cql_loss(params, static, target_params, batch: Transitions, hparams: dict[st
 
 
 def full_batch_cql_loss(
-    params, static, target_params, data: DistinctTransitions, hparams: dict[str, jax.Array]
+    params, static, target_params, data: FullBatch, hparams: dict[str, jax.Array]
 ):
     """`cql_loss` with the whole replay as the batch, written over (observation, action) cells: each term is
     a sum over transitions of a function of Q(s, a), so Q runs once per distinct observation and the
@@ -184,10 +188,8 @@ def full_batch_cql_loss(
     q = jax.vmap(eqx.combine(params, static))(data.obs_table)  # (rows, n_actions)
     q_target = jax.vmap(eqx.combine(target_params, static))(data.obs_table)  # (rows, n_actions)
     bootstrap = double_dqn_bootstrap(jax.lax.stop_gradient(q), q_target, data.mask_table)  # (rows,)
-    target = data.reward + hparams["gamma"] * jnp.where(
-        data.terminated, 0.0, bootstrap[data.next_obs_index]
-    )  # (transitions,)
-    td = data.squared_error(q, jax.lax.stop_gradient(target))
+    # r + gamma * bootstrap(s') per transition, summed over the cells (cleansepsis.full_batch)
+    td = data.td_squared_error(q, 1.0, hparams["gamma"], jax.lax.stop_gradient(bootstrap))
     logsumexp = masked_logsumexp(q, data.mask_table)  # (rows,)
     conservative = jnp.sum(data.pair_weight * (logsumexp[:, None] - q))
     return td + hparams["alpha"] * conservative, {
@@ -212,22 +214,20 @@ class TrainState(eqx.Module):
 
 
 def make_train(args: Args, obs_dim: int, n_actions: int):
-    """Pure `train(key, hparams, inputs) -> (params, metrics)` for one seed and one setting, where inputs =
-    (transitions, env params or None) are passed as arguments (as constants they would slow compilation);
-    with --full-batch the transitions are `DistinctTransitions`.
-    Metrics are arrays of shape (num_evals,); with env params each logged step includes the exact return
-    of the greedy policy."""
+    """Pure `train(key, hparams, inputs) -> (params, metrics, saved)` for one seed and one setting, where
+    inputs = (transitions, env params or None) are passed as arguments (as constants they would slow
+    compilation); under full batch the transitions are a `FullBatch`. Metrics are arrays of shape
+    (num_evals,); with env params each logged step includes the exact return of the greedy policy. `saved`
+    stacks the params every --save-every updates (None without)."""
     optimiser = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.scale_by_adam())
     static = network_static(obs_dim, n_actions, args.hidden)
 
     def init(key: jax.Array) -> TrainState:
         net_key, key = jax.random.split(key)
-        params, _ = eqx.partition(QNetwork(obs_dim, n_actions, args.hidden, net_key), eqx.is_array)
+        params = array_part(MLP(obs_dim, n_actions, args.hidden, net_key))
         return TrainState(params, params, optimiser.init(params), jnp.zeros((), jnp.int32), key)
 
-    def update(
-        state: TrainState, hparams, data: Transitions | DistinctTransitions
-    ) -> tuple[TrainState, dict[str, jax.Array]]:
+    def update(state: TrainState, hparams, data: Transitions | FullBatch) -> tuple[TrainState, dict[str, jax.Array]]:
         key, sample_key = jax.random.split(state.key)
         if args.full_batch:
             grads, metrics = jax.grad(full_batch_cql_loss, has_aux=True)(
@@ -239,107 +239,75 @@ def make_train(args: Args, obs_dim: int, n_actions: int):
                 state.params, static, state.target_params, batch, hparams
             )
         updates, opt_state = optimiser.update(grads, state.opt_state, state.params)
-        lr = hparams["learning_rate"]
-        if args.lr_decay:
-            lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * state.step / args.total_updates))
+        lr = runs.learning_rate_at(hparams["learning_rate"], state.step, args.num_updates, args.lr_schedule)
         params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
         step = state.step + 1
         copy = step % args.target_update_every == 0
         target_params = jax.tree.map(lambda t, p: jnp.where(copy, p, t), state.target_params, params)
         return TrainState(params, target_params, opt_state, step, key), metrics
 
-    def eval_period(state: TrainState, hparams, inputs) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train(key: jax.Array, hparams: dict[str, jax.Array], inputs) -> tuple[Any, dict[str, jax.Array], Any]:
         data, env_params = inputs
-        state, metrics = jax.lax.scan(
-            lambda s, _: update(s, hparams, data), state, None, length=args.eval_every
-        )
-        metrics = {k: v.mean() for k, v in metrics.items()}  # mean over the period's updates
-        if env_params is not None:
-            q = jax.vmap(eqx.combine(state.params, static))(env_params.state_vectors)  # (716, n_actions)
-            metrics["exact_return"], metrics["mean_length"] = runs.exact_evaluation(env_params, q, "greedy")
-        runs.tick(metrics.get("exact_return"))
-        return state, metrics
 
-    def train(key: jax.Array, hparams: dict[str, jax.Array], inputs) -> tuple[Any, dict[str, jax.Array]]:
-        state, metrics = jax.lax.scan(
-            lambda s, _: eval_period(s, hparams, inputs), init(key), None, length=args.num_evals
+        def evaluate(state: TrainState, _) -> tuple[TrainState, dict[str, jax.Array]]:
+            state, metrics = jax.lax.scan(lambda s, _: update(s, hparams, data), state, None, length=args.eval_every)
+            metrics = {k: v.mean() for k, v in metrics.items()}  # mean over the period's updates
+            if env_params is not None:
+                q = jax.vmap(eqx.combine(state.params, static))(env_params.state_vectors)  # (716, n_actions)
+                metrics["exact_return"], metrics["mean_length"] = runs.exact_evaluation(env_params, q, "greedy")
+            runs.tick(metrics.get("exact_return"))
+            return state, metrics
+
+        state, metrics, saved = runs.scan_evaluations(
+            evaluate, init(key), args.num_evals, args.evals_per_save, lambda state: state.params
         )
-        return state.params, metrics
+        return state.params, metrics, saved
 
     return train
 
 
 def network_static(obs_dim: int, n_actions: int, hidden: tuple[int, ...]):
     """The non-array parts of the Q network (its structure), to combine with trained params."""
-    return eqx.partition(QNetwork(obs_dim, n_actions, hidden, jax.random.key(0)), eqx.is_array)[1]
+    return static_part(MLP(obs_dim, n_actions, hidden, jax.random.key(0)))
 
 
-def export_policy(params, static, hidden: tuple[int, ...]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(tensors, network) of one trained Q network, as `cleansepsis.checkpoint.save_checkpoint` takes them."""
-    net = eqx.combine(params, static)
-    network = {"kind": "mlp", "activation": "relu", "hidden": layer_names(hidden)[:-1], "output": "output"}
-    return linear_layers(net, layer_names(hidden)), network
-
-
-def check_args(args: Args) -> None:
-    if args.eval_every < 1 or args.total_updates < args.eval_every or args.total_updates % args.eval_every:
-        raise runs.RunError(
-            f"--total-updates ({args.total_updates}) must be a positive multiple of --eval-every ({args.eval_every})"
-        )
-    for name in ("batch_size", "target_update_every"):
-        if getattr(args, name) < 1:
-            raise runs.RunError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not args.hidden or min(args.hidden) < 1:
-        raise runs.RunError(f"--hidden needs positive widths, got {args.hidden}")
+# ---------------------------------------------------------------------------------------------------------
+# Main
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = tyro.cli(Args, args=argv, description=__doc__)
-    runs.use_host_devices(args.num_seeds)  # before JAX's first operation
+    args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
+    runs.check_common_args(args)  # everything that can be checked before any work
     check_args(args)
+    run_dir = runs.check_run_dir(args, __file__)
+    runs.use_host_devices(args.num_seeds)  # before JAX's first operation
+    runs.enable_compilation_cache()
     replay, data, env_params = runs.load_training_data(args.replay, args.split)
+    data, full_batch, why = runs.choose_batch_mode(data, args.full_batch, args.minibatch)
+    args, defaults = runs.resolve_defaults(args, AUTO, full_batch)
+    check_args(args)
+    runs.print_plan("cql", args, defaults, why)
     settings, hparams = runs.make_hparam_grid(
         {"alpha": args.alpha, "learning_rate": args.learning_rate, "gamma": args.gamma}
     )
-    n_transitions = data.size
-    if args.full_batch:
-        data = distinct_transitions(data)
     seeds = runs.seed_list(args.seed, args.num_seeds)
-    reference = runs.reference_values(env_params)
     train = make_train(args, replay.obs_dim, replay.n_actions)
-    print(
-        f"{ALGO}: {len(settings)} setting(s) x {len(seeds)} seed(s), {args.total_updates} updates each, "
-        f"{n_transitions} transitions from {replay.path}"
-        + (f", full batch of {data.size} distinct ones" if args.full_batch else ""),
-        file=sys.stderr,
-    )
-    (params, metrics), timing = runs.run_sweep(
-        train, seeds, hparams, n_ticks=args.num_evals, desc=ALGO, inputs=(data, env_params)
+    (params, metrics, saved), timing = runs.run_sweep(
+        train, seeds, hparams, n_ticks=args.num_evals, desc="cql", inputs=(data, env_params)
     )
     steps = np.arange(1, args.num_evals + 1) * args.eval_every
     runs.check_finite(metrics, settings, seeds, steps)
-    runs.print_results_table(ALGO, settings, seeds, metrics, reference)
+    reference = runs.reference_values(env_params)
+    runs.print_results_table("cql", settings, seeds, metrics, reference)
     static = network_static(replay.obs_dim, replay.n_actions, args.hidden)
     path = runs.finish_run(
-        algo=ALGO,
-        args=args,
-        replay=replay,
-        settings=settings,
-        seeds=seeds,
-        steps=steps,
-        metrics=metrics,
-        export=lambda s, i: export_policy(runs.index_run(params, s, i), static, args.hidden),
-        outputs="q_values",
-        timing=timing,
-        n_updates=args.total_updates,
-        reference=reference,
-        run_dir=args.run_dir,
-        name=args.name,
+        algo="cql", script=__file__, args=args, replay=replay, settings=settings, seeds=seeds, steps=steps,
+        metrics=metrics, outputs="q_values", timing=timing, n_updates=args.num_updates,
+        export=lambda s, i, k: export_mlp(runs.policy_at(params, saved, s, i, k), static),
+        saved_updates=runs.updates_at_saves(args.num_updates, args.save_every), reference=reference,
+        run_dir=run_dir, overwrite=args.overwrite, extra_summary={"defaults": defaults},
     )
-    print(
-        f"compile {timing['compile_seconds']:.1f} s, train {timing['train_seconds']:.1f} s; wrote {path}",
-        file=sys.stderr,
-    )
+    runs.print_timing(timing, path)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ the seeds, and all of them train in one compiled program.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import chex
 import equinox as eqx
@@ -26,23 +26,23 @@ import optax
 import tyro
 
 from cleansepsis import runs
-from cleansepsis.checkpoint import linear_layers
-from cleansepsis.replay import DistinctTransitions, Transitions, distinct_transitions
+from cleansepsis.full_batch import FullBatch
+from cleansepsis.networks import MLP, export_mlp
+from cleansepsis.replay import Transitions
 
 
 @dataclass(frozen=True)
 class Args:
     replay: str | None = None
-    """replay parquet to train on; default: the built-in ICU-Sepsis clinician replay (10,000 episodes)"""
-    tau: tuple[float, ...] = (0.7,)
-    """expectile of V over the data's Q values (0.5 = mean, towards 1 = max); several values are swept"""
-    beta: tuple[float, ...] = (3.0,)
-    """inverse temperature of advantage-weighted policy extraction; several values are swept"""
-    learning_rate: tuple[float, ...] = (1e-3,)
-    """Adam learning rate of all three networks; several values are swept"""
-    lr_decay: bool = False
-    """cosine-decay the learning rate to zero over the run: less SGD noise at the end of long runs (off by
-    default: the default 5,000-update run is still improving, and decay cost it 0.005)"""
+    """replay parquet to train on; default: the built-in ICU-Sepsis clinician replay (10,000 episodes, seed 0)"""
+    split: str = "train"
+    """replay split to train on (train, val or test)"""
+    tau: tuple[float, ...] | None = None
+    """expectile of V over the data's Q values (0.5 = mean, towards 1 = max); several values are swept.
+    Default: chosen with the batch mode (AUTO below)"""
+    beta: tuple[float, ...] | None = None
+    """inverse temperature of advantage-weighted policy extraction; several values are swept. Default:
+    chosen with the batch mode (AUTO below)"""
     target_update_rate: float = 0.005
     """Polyak rate of the target Q-networks"""
     gamma: float = 1.0
@@ -52,38 +52,74 @@ class Args:
     scale that --beta expects; reported returns are unscaled"""
     max_weight: float = 100.0
     """clip of the advantage weight exp(beta * advantage)"""
-    hidden: int = 64
-    """width of the hidden layers of every network"""
-    depth: int = 2
-    """number of hidden layers"""
+    learning_rate: tuple[float, ...] | None = None
+    """Adam learning rate of every network; several values are swept. Default: chosen with the batch mode
+    (AUTO below)"""
+    lr_schedule: Literal["auto", "cosine", "constant"] = "auto"
+    """cosine: decay the learning rate to zero over the run (less SGD noise at the end); auto: chosen with
+    the batch mode (AUTO below)"""
+    hidden: tuple[int, ...] | None = None
+    """hidden layer widths of every network, e.g. --hidden 256 256. Default: chosen with the batch mode"""
     batch_size: int = 256
-    """transitions per update"""
+    """transitions per update with minibatches"""
     full_batch: bool = False
-    """every update uses the whole replay (its distinct transitions, weighted by count; --batch-size is
-    ignored): the exact gradient of the losses that minibatches estimate, free of sampling noise; an update
-    costs one pass over the distinct observations, so on ICU-Sepsis it is as cheap as a small batch"""
-    num_updates: int = 5_000
-    """gradient updates per policy"""
+    """every update uses the whole replay (its distinct transitions, weighted by count): the exact gradient
+    of the losses that minibatches estimate, free of sampling noise. Default: chosen from the replay's
+    distinct observations (full batch when they repeat, as on ICU-Sepsis; minibatches on MIMIC-IV)"""
+    minibatch: bool = False
+    """train on minibatches of --batch-size even where the full batch would be chosen"""
+    num_updates: int | None = None
+    """gradient updates per policy. Default: chosen with the batch mode"""
     eval_every: int = 1_000
-    """updates between exact evaluations (ICU-Sepsis replays) and logged metrics"""
+    """updates between logged metrics (and exact evaluations on ICU-Sepsis replays)"""
+    save_every: int = 0
+    """also keep a checkpoint of every policy every this many updates (0: only the final one)"""
     seed: int = 0
-    """first seed; seeds are seed, seed+1, ..."""
+    """first seed; the run trains seeds seed, seed+1, ..., the same seeds in every setting"""
     num_seeds: int = 5
-    """number of seeds trained at once"""
-    name: str = "default"
-    """run name, part of the run folder's name"""
+    """seeds per setting, trained side by side in one compiled program"""
     run_dir: str | None = None
-    """run folder; default runs/iql__<name>__<time>"""
+    """run folder to write; default runs/<script>__<run name>__<YYYYmmdd-HHMMSS>"""
+    run_name: str = "default"
+    """run name, part of the default run folder's name"""
     overwrite: bool = False
-    """replace an existing --run-dir"""
+    """replace an existing --run-dir (only a folder a learner wrote)"""
 
     @property
     def num_evals(self) -> int:
         return self.num_updates // self.eval_every
 
+    @property
+    def evals_per_save(self) -> int:
+        return self.save_every // self.eval_every
 
-def make_mlp(in_size: int, out_size: int | str, args: Args, key: jax.Array) -> eqx.nn.MLP:
-    return eqx.nn.MLP(in_size, out_size, args.hidden, args.depth, activation=jax.nn.relu, key=key)
+
+# Defaults for each batch mode (docs/learners.md has the measurements behind them). Full batch: no SGD
+# noise, so a large cosine-decayed learning rate converges in few updates, and a high expectile with a
+# sharp extraction (0.8707 on the 100k ICU-Sepsis replay) is safe. Minibatches (MIMIC-IV): the defaults
+# this learner has always had.
+AUTO = {
+    "full batch": {"tau": (0.99,), "beta": (30.0,), "learning_rate": (3e-3,), "lr_schedule": "cosine",
+                   "hidden": (128, 128), "num_updates": 8_000},
+    "minibatch": {"tau": (0.7,), "beta": (3.0,), "learning_rate": (1e-3,), "lr_schedule": "constant",
+                  "hidden": (64, 64), "num_updates": 5_000},
+}
+
+
+def check_args(args: Args) -> None:
+    """This algorithm's own options; the shared ones are checked by runs.check_common_args."""
+    for tau in args.tau or ():
+        runs.require(0 < tau < 1, f"--tau values must be in (0, 1), got {tau}")
+    for beta in args.beta or ():
+        runs.require(beta >= 0, f"--beta values must be at least 0, got {beta}")
+    runs.require(0 < args.target_update_rate <= 1, f"--target-update-rate must be in (0, 1], got {args.target_update_rate}")
+    runs.require(0 <= args.gamma <= 1, f"--gamma must be in [0, 1], got {args.gamma}")
+    runs.require(args.reward_scale > 0, f"--reward-scale must be positive, got {args.reward_scale}")
+    runs.require(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}")
+
+
+def make_mlp(in_size: int, out_size: int | str, args: Args, key: jax.Array) -> MLP:
+    return MLP(in_size, out_size, args.hidden, key)
 
 
 class Params(eqx.Module):
@@ -115,11 +151,6 @@ def awr_weights(advantage: jnp.ndarray, beta: jnp.ndarray, max_weight: float) ->
     return jnp.minimum(jnp.exp(beta * advantage), max_weight)
 
 
-def learning_rate_schedule(peak: jnp.ndarray, num_updates: int, decay: bool):
-    """count -> learning rate: cosine from the (traced) peak to zero over num_updates, or constant."""
-    return optax.cosine_decay_schedule(peak, num_updates) if decay else peak
-
-
 def masked_log_prob(logits: jnp.ndarray, mask: jnp.ndarray, action: jnp.ndarray) -> jnp.ndarray:
     """log pi(a|s) with pi a softmax over the admissible actions (the data's own action always counts)."""
     n_actions = logits.shape[-1]
@@ -143,12 +174,13 @@ def network_statics(args: Args, obs_dim: int, n_actions: int) -> dict[str, Any]:
     }
 
 
-def make_train(args: Args, data: Transitions | DistinctTransitions, env_params: Any):
-    """A pure train(key, hparams[, inputs]) -> (final params, metrics (num_evals,)) for one seed and one
-    setting; inputs defaults to (data, env_params), with data `DistinctTransitions` under --full-batch.
+def make_train(args: Args, data: Transitions | FullBatch, env_params: Any):
+    """A pure train(key, hparams[, inputs]) -> (final params, metrics (num_evals,), policy params saved every
+    --save-every updates or None) for one seed and one setting; inputs defaults to (data, env_params), with
+    data `FullBatch` under full batch.
     Also returns the networks' static parts and the two loss functions (minibatch, full batch)."""
-    obs_dim = (data.obs_table if isinstance(data, DistinctTransitions) else data.obs).shape[1]
-    n_actions = (data.mask_table if isinstance(data, DistinctTransitions) else data.action_mask).shape[1]
+    obs_dim = (data.obs_table if isinstance(data, FullBatch) else data.obs).shape[1]
+    n_actions = (data.mask_table if isinstance(data, FullBatch) else data.action_mask).shape[1]
     statics = network_statics(args, obs_dim, n_actions)
     q_static, v_static, pi_static = statics["q"], statics["v"], statics["pi"]
 
@@ -183,7 +215,7 @@ def make_train(args: Args, data: Transitions | DistinctTransitions, env_params: 
         total = v_loss + q_loss + pi_loss
         return total, {"q_loss": q_loss, "v_loss": v_loss, "pi_loss": pi_loss, "mean_weight": weight.mean()}
 
-    def full_batch_losses(params: Params, data: DistinctTransitions, hparams):
+    def full_batch_losses(params: Params, data: FullBatch, hparams):
         """`losses` with the whole replay as the batch, written over (observation, action) cells: each term
         is a sum over transitions of a function of the networks at (s, a), so each network runs once per
         distinct observation and no gradient scatters back through per-transition rows."""
@@ -192,10 +224,9 @@ def make_train(args: Args, data: Transitions | DistinctTransitions, env_params: 
         v = v_value(params.v, obs)  # (rows,)
         v_loss = expectile_loss(jax.lax.stop_gradient(q_data) - v[:, None], hparams["tau"], cell_weight)
 
-        next_v = jax.lax.stop_gradient(v)[data.next_obs_index]  # (transitions,)
-        not_done = 1.0 - data.terminated.astype(jnp.float32)
-        target = data.reward * args.reward_scale + args.gamma * not_done * next_v  # (transitions,)
-        q_loss = jnp.mean(data.squared_error(q_values(params.q, obs), target))  # mean over the twins
+        # r * reward_scale + gamma * V(s') per transition, summed over the cells (cleansepsis.full_batch)
+        q_error = data.td_squared_error(q_values(params.q, obs), args.reward_scale, args.gamma, jax.lax.stop_gradient(v))
+        q_loss = jnp.mean(q_error)  # mean over the twins
 
         advantage = jax.lax.stop_gradient(q_data - v[:, None])
         weight = awr_weights(advantage, hparams["beta"], args.max_weight)  # (rows, n_actions)
@@ -208,7 +239,7 @@ def make_train(args: Args, data: Transitions | DistinctTransitions, env_params: 
         mean_weight = jnp.sum(cell_weight * weight)
         return total, {"q_loss": q_loss, "v_loss": v_loss, "pi_loss": pi_loss, "mean_weight": mean_weight}
 
-    def train(key: jax.Array, hparams: dict, inputs=(data, env_params)) -> tuple[Params, dict]:
+    def train(key: jax.Array, hparams: dict, inputs=(data, env_params)) -> tuple[Params, dict, Any]:
         data, env_params = inputs  # passed as arguments by run_sweep, so they are not compiled in as constants
         key, q_key, v_key, pi_key = jax.random.split(key, 4)
         q = eqx.filter(eqx.filter_vmap(lambda k: make_mlp(obs_dim, n_actions, args, k))(jax.random.split(q_key, 2)),
@@ -216,8 +247,8 @@ def make_train(args: Args, data: Transitions | DistinctTransitions, env_params: 
         v = eqx.filter(make_mlp(obs_dim, "scalar", args, v_key), eqx.is_array)
         pi = eqx.filter(make_mlp(obs_dim, n_actions, args, pi_key), eqx.is_array)
         params = Params(q=q, q_target=q, v=v, pi=pi)
-        optimiser = optax.inject_hyperparams(optax.adam)(
-            learning_rate=learning_rate_schedule(hparams["learning_rate"], args.num_updates, args.lr_decay)
+        optimiser = optax.adam(
+            lambda count: runs.learning_rate_at(hparams["learning_rate"], count, args.num_updates, args.lr_schedule)
         )
         trainable = (params.q, params.v, params.pi)
         state = TrainState(params=params, opt_state=optimiser.init(trainable), step=jnp.zeros((), jnp.int32))
@@ -255,34 +286,31 @@ def make_train(args: Args, data: Transitions | DistinctTransitions, env_params: 
             runs.tick(metrics.get("exact_return"))
             return carry, metrics
 
-        (state, _), metrics = jax.lax.scan(evaluate, (state, key), None, length=args.num_evals)
-        return state.params, metrics
+        (state, _), metrics, saved = runs.scan_evaluations(
+            evaluate, (state, key), args.num_evals, args.evals_per_save, lambda carry: carry[0].params.pi
+        )
+        return state.params, metrics, saved
 
     return train, statics, (losses, full_batch_losses)
 
 
-def export_policy(pi_params: Any, pi_static: Any, depth: int) -> tuple[dict[str, np.ndarray], dict]:
-    names = [f"hidden_{i}" for i in range(depth)] + ["output"]
-    network = {"kind": "mlp", "activation": "relu", "hidden": names[:-1], "output": "output"}
-    return linear_layers(eqx.combine(pi_params, pi_static), names), network
-
-
-def main() -> None:
-    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
+    runs.check_common_args(args)  # everything that can be checked before any work
+    check_args(args)
+    run_dir = runs.check_run_dir(args, __file__)
     runs.use_host_devices(args.num_seeds)  # before JAX's first operation
-    if args.num_evals < 1:
-        raise runs.RunError(f"--num-updates {args.num_updates} is smaller than --eval-every {args.eval_every}")
-    if any(not 0 < t < 1 for t in args.tau):
-        raise runs.RunError(f"--tau values must be in (0, 1), got {args.tau}")
-    replay, data, env_params = runs.load_training_data(args.replay)
-    if args.full_batch:
-        data = distinct_transitions(data)
+    runs.enable_compilation_cache()
+    replay, data, env_params = runs.load_training_data(args.replay, args.split)
+    data, full_batch, why = runs.choose_batch_mode(data, args.full_batch, args.minibatch)
+    args, defaults = runs.resolve_defaults(args, AUTO, full_batch)
+    runs.print_plan("iql", args, defaults, why)
     settings, hparams = runs.make_hparam_grid(
         {"tau": args.tau, "beta": args.beta, "learning_rate": args.learning_rate}
     )
     seeds = runs.seed_list(args.seed, args.num_seeds)
     train, statics, _ = make_train(args, data, env_params)
-    (params, metrics), timing = runs.run_sweep(
+    (params, metrics, saved), timing = runs.run_sweep(
         train, seeds, hparams, n_ticks=args.num_evals, desc="iql", inputs=(data, env_params)
     )
     steps = np.arange(1, args.num_evals + 1) * args.eval_every
@@ -291,12 +319,13 @@ def main() -> None:
     runs.print_results_table("iql", settings, seeds, metrics, reference,
                              columns=("exact_return", "q_greedy_return", "mean_length"))
     path = runs.finish_run(
-        algo="iql", args=args, replay=replay, settings=settings, seeds=seeds, steps=steps, metrics=metrics,
-        export=lambda s, i: export_policy(runs.index_run(params.pi, s, i), statics["pi"], args.depth),
-        outputs="logits", timing=timing, n_updates=args.num_updates, reference=reference,
-        run_dir=args.run_dir, name=args.name, overwrite=args.overwrite,
+        algo="iql", script=__file__, args=args, replay=replay, settings=settings, seeds=seeds, steps=steps,
+        metrics=metrics, outputs="logits", timing=timing, n_updates=args.num_updates,
+        export=lambda s, i, k: export_mlp(runs.policy_at(params.pi, saved, s, i, k), statics["pi"]),
+        saved_updates=runs.updates_at_saves(args.num_updates, args.save_every), reference=reference,
+        run_dir=run_dir, overwrite=args.overwrite, extra_summary={"defaults": defaults},
     )
-    print(f"compile {timing['compile_seconds']:.1f} s, train {timing['train_seconds']:.1f} s; wrote {path}")
+    runs.print_timing(timing, path)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def time_cql(
     the host devices; `vmap_width` of them side by side, None for run_sweep's default). The first call is a
     warm-up."""
     args = dataclasses.replace(
-        cql.Args(), total_updates=updates, eval_every=updates, batch_size=batch, hidden=HIDDEN
+        cql.Args(), num_updates=updates, eval_every=updates, batch_size=batch, hidden=HIDDEN, lr_schedule="cosine"
     )
     train = cql.make_train(args, OBS_DIM, N_ACTIONS)
     _, hparams = runs.make_hparam_grid({"alpha": 1.0, "learning_rate": 1e-3, "gamma": 0.99})

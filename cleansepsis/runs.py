@@ -1,23 +1,24 @@
-"""What every learner script shares and no fork edits: data loading, hyperparameter grids, the exact
-evaluation hook, the compiled sweep over settings x seeds with a progress bar, the finite-loss check, the
-results table and the run folder (summary.json, metrics.parquet, curves.png, one checkpoint per policy).
+"""What every learner script shares and no fork edits: argument checks made before any work, the batch
+mode chosen from the data, data loading, hyperparameter grids, the exact evaluation hook, the compiled
+sweep over settings x seeds, the finite-loss check and the results table. The run folder (summary.json,
+metrics.parquet, curves.png, checkpoints) is written by `cleansepsis.run_folder`.
 
 How an algorithm file uses it (see iql.py for a complete one):
 
-    replay, train_data, env_params = runs.load_training_data(args.replay)
+    runs.check_common_args(args)                           # one `error:` line before any work
+    run_dir = runs.check_run_dir(args, __file__)           # existing folder / --overwrite refused now
+    runs.enable_compilation_cache()                        # a second identical run does not compile again
+    replay, train_data, env_params = runs.load_training_data(args.replay, args.split)
     settings, hparams = runs.make_hparam_grid({"tau": args.tau, "beta": args.beta})
-    train = make_train(args, train_data, env_params)      # pure train(key, hparams[, inputs]) -> (policy, metrics)
-    # inside train's outer scan, once per evaluation:
-    #     ret, length = runs.exact_evaluation(env_params, logits_716x25, "greedy")
-    #     runs.tick()                                      # advances the progress bar
+    train = make_train(args, train_data, env_params)      # pure train(key, hparams, inputs)
+    # inside train, the evaluations and the saved policies come out of one scan:
+    #     carry, metrics, saved = runs.scan_evaluations(evaluate, carry, args.num_evals, evals_per_save, snapshot)
     seeds = runs.seed_list(args.seed, args.num_seeds)
-    (policy, metrics), timing = runs.run_sweep(train, seeds, hparams, n_ticks=n_evals,
-                                               inputs=(train_data, env_params))  # arguments, not constants
+    (policy, metrics, saved), timing = runs.run_sweep(train, seeds, hparams, n_ticks=n_evals,
+                                                      inputs=(train_data, env_params))
     runs.check_finite(metrics, settings, seeds)            # raises NonFiniteError naming step/seed/term
     runs.print_results_table("iql", settings, seeds, metrics, reference)
-    runs.finish_run(algo="iql", args=args, replay=replay, settings=settings, seeds=seeds, steps=steps,
-                    metrics=metrics, export=lambda s, i: export_policy(index_run(policy, s, i)),
-                    outputs="logits", timing=timing, reference=reference)
+    runs.finish_run(algo="iql", script=__file__, ...)      # cleansepsis.run_folder.finish_run
 
 Shapes: `train(key, hparams)` sees one seed and one setting; `run_sweep` vmaps it over seeds (inner axis)
 and settings (outer axis), so every array it returns has leading axes (n_settings, n_seeds, ...). Metrics
@@ -26,26 +27,32 @@ are dicts of arrays (n_settings, n_seeds, n_evals); `steps` is (n_evals,), the u
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import math
-import platform
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import polars as pl
 
-from cleansepsis import interrupts
-from cleansepsis.checkpoint import save_checkpoint
-from cleansepsis.io import OutputExistsError, atomic_dir, write_json
-from cleansepsis.replay import Replay, ReplayError, Transitions, load_replay
+from cleansepsis import interrupts, sweep
+from cleansepsis.io import OutputExistsError
+from cleansepsis.replay import SPLITS, Replay, ReplayError, Transitions, load_replay
+from cleansepsis.run_folder import (  # noqa: F401  (re-exported: the learners use runs.X)
+    POLICY_METRICS,
+    RunFolderError,
+    default_run_dir,
+    finish_run,
+    fmt_setting,
+    is_policy_metric,
+    script_identity,
+    script_stem,
+)
+from cleansepsis.run_folder import check_run_dir as _check_run_dir
 
 # the sweep and its devices live in cleansepsis.sweep; learners reach them as runs.*
 from cleansepsis.sweep import (  # noqa: F401
@@ -60,13 +67,6 @@ from cleansepsis.sweep import (  # noqa: F401
 
 ICU_SEPSIS_SOURCE = "icu-sepsis"
 EVAL_KINDS = ("greedy", "softmax")
-# Metrics that describe the policy rather than a loss (any name ending in _return or _length); they are
-# not checked for finiteness as losses. These ones are also copied into summary.json and checkpoints.
-POLICY_METRICS = ("exact_return", "mean_length", "greedy_return", "greedy_length")
-
-
-def is_policy_metric(name: str) -> bool:
-    return name.endswith(("_return", "_length"))
 
 
 class RunError(ValueError):
@@ -77,7 +77,7 @@ class NonFiniteError(RunError):
     """A loss became NaN or inf; the message names the step, the setting, the seed and the term."""
 
 
-USER_ERRORS = (RunError, ReplayError, OutputExistsError, FileNotFoundError)
+USER_ERRORS = (RunError, ReplayError, OutputExistsError, RunFolderError, FileNotFoundError)
 
 
 def cli_main(main: Callable[[], None]) -> None:
@@ -88,6 +88,165 @@ def cli_main(main: Callable[[], None]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Arguments checked before any work (loading data, compiling)
+
+# the shared options every learner's Args has, with the same meaning (see docs/learners.md)
+COMMON_OPTIONS = (
+    "replay", "split", "num_updates", "eval_every", "save_every", "batch_size", "full_batch", "minibatch",
+    "learning_rate", "lr_decay", "hidden", "seed", "num_seeds", "run_dir", "run_name", "overwrite",
+)
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise RunError(message) unless condition: the one-line check every learner makes of its arguments."""
+    if not condition:
+        raise RunError(message)
+
+
+def check_common_args(args: Any) -> None:
+    """The checks of the shared options (whichever of them `args` has), before any data is loaded: every
+    bad value gives one RunError naming the option and the value."""
+    fields = vars(args) if not hasattr(args, "__dataclass_fields__") else {
+        name: getattr(args, name) for name in args.__dataclass_fields__
+    }
+    for name in ("eval_every", "batch_size", "num_seeds"):
+        if name in fields:
+            require(fields[name] >= 1, f"{_option(name)} must be at least 1, got {fields[name]}")
+    if fields.get("num_updates") is not None:
+        n, every = fields["num_updates"], fields["eval_every"]
+        require(n >= 1, f"--num-updates must be at least 1, got {n}")
+        require(n % every == 0, f"--num-updates {n} is not a multiple of --eval-every {every}: the run logs and "
+                                f"evaluates every {every} updates, so use for example --num-updates {-(-n // every) * every}")
+    if fields.get("save_every"):
+        save, every = fields["save_every"], fields["eval_every"]
+        require(save >= 0, f"--save-every must be 0 (only the final policy) or positive, got {save}")
+        require(save % every == 0, f"--save-every {save} is not a multiple of --eval-every {every}")
+        n = fields.get("num_updates")
+        if n is not None:
+            require(n % save == 0, f"--num-updates {n} is not a multiple of --save-every {save}")
+    elif "save_every" in fields:
+        require(fields["save_every"] == 0, f"--save-every must be 0 or positive, got {fields['save_every']}")
+    if "learning_rate" in fields and fields["learning_rate"] is not None:
+        for value in _as_tuple(fields["learning_rate"]):
+            require(math.isfinite(value) and value > 0, f"--learning-rate values must be positive, got {value}")
+    if fields.get("hidden") is not None:
+        hidden = _as_tuple(fields["hidden"])
+        require(len(hidden) >= 1 and min(hidden) >= 1, f"--hidden needs positive widths, got {hidden}")
+    if fields.get("full_batch") and fields.get("minibatch"):
+        raise RunError("--full-batch and --minibatch exclude each other; give at most one")
+    if "split" in fields:
+        require(fields["split"] in SPLITS, f"--split must be one of {', '.join(SPLITS)}, got {fields['split']!r}")
+    if fields.get("replay") is not None:
+        path = Path(fields["replay"])
+        if not path.is_file():
+            raise FileNotFoundError(f"--replay {path}: no such file")
+    if "run_name" in fields:
+        name = fields["run_name"]
+        require(bool(name) and "/" not in name and os.sep not in name and name not in (".", ".."),
+                f"--run-name must be a plain name (no path separators), got {name!r}")
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, tuple | list) else (value,)
+
+
+def check_run_dir(args: Any, script: str | Path) -> Path:
+    """The run folder this run will write (--run-dir, or runs/<script>__<run name>__<time>), refused now if
+    it exists without --overwrite or if --overwrite would replace a folder that is not a run folder."""
+    stem = script_stem(script_identity(script))
+    path = Path(args.run_dir) if args.run_dir is not None else default_run_dir(stem, args.run_name)
+    return _check_run_dir(path, args.overwrite)
+
+
+def updates_at_saves(num_updates: int, save_every: int) -> list[int]:
+    """Update counts at which --save-every keeps a policy besides the final one."""
+    return list(range(save_every, num_updates, save_every)) if save_every else []
+
+
+# --------------------------------------------------------------------------------------------------
+# Defaults chosen from the data
+
+# Full batch when an update over the whole replay costs at most a batch of this many rows...
+FULL_BATCH_MAX_ROWS = 20_000
+# ...and the replay's observations repeat: at most one distinct (observation, mask) row per 2 transitions
+# (ICU-Sepsis: 714 rows for 926,212 transitions, about 450 for 1,100; MIMIC-IV: observations never repeat,
+# so rows are transitions plus episodes, and it trains on minibatches).
+FULL_BATCH_MAX_ROW_SHARE = 0.5
+
+
+def choose_batch_mode(data: Transitions, full_batch: bool, minibatch: bool) -> tuple[Any, bool, str]:
+    """(the training data, whether it is the full batch, why) for --full-batch / --minibatch / neither.
+
+    With neither flag the replay's distinct observations decide: full batch when they are few (see the two
+    constants above), the data then being `cleansepsis.full_batch.FullBatch`; otherwise minibatches of `Transitions`."""
+    from cleansepsis.full_batch import full_batch as make_full_batch
+    from cleansepsis.replay import distinct_transitions
+
+    if minibatch:
+        return data, False, "--minibatch"
+    distinct = distinct_transitions(data)
+    rows = int(distinct.obs_table.shape[0])
+    if full_batch:
+        return make_full_batch(distinct), True, f"--full-batch ({rows} distinct observations, {distinct.size} distinct transitions)"
+    few = rows <= FULL_BATCH_MAX_ROWS and rows <= FULL_BATCH_MAX_ROW_SHARE * data.size
+    why = (f"{rows} distinct observations in {data.size} transitions: "
+           + ("few, so every update uses the whole replay" if few else "too many to repeat, so minibatches"))
+    return (make_full_batch(distinct) if few else data), few, why
+
+
+def resolve_defaults(args: Any, auto: Mapping[str, Mapping[str, Any]], full_batch: bool) -> tuple[Any, dict]:
+    """`args` with the batch mode set and every option left at None or "auto" replaced by the learner's
+    AUTO table entry for that mode; the update count is rounded up to a multiple of --eval-every (and
+    --save-every). Returns (resolved args, {"batch_mode", "chosen": the values filled in}); summary.json
+    records both, so it says what was trained."""
+    import dataclasses
+
+    mode = "full batch" if full_batch else "minibatch"
+    changes: dict[str, Any] = {}
+    if hasattr(args, "full_batch"):  # learners without a full-batch loss have neither flag
+        changes = {"full_batch": full_batch, "minibatch": not full_batch}
+    chosen: dict[str, Any] = {}
+    for name, value in auto[mode].items():
+        if getattr(args, name) is None or getattr(args, name) == "auto":
+            changes[name] = chosen[name] = value
+    if "num_updates" in chosen:
+        step = math.lcm(args.eval_every, args.save_every or args.eval_every)
+        changes["num_updates"] = chosen["num_updates"] = -(-chosen["num_updates"] // step) * step
+    args = dataclasses.replace(args, **changes)
+    check_common_args(args)
+    return args, {"batch_mode": mode, "chosen": chosen}
+
+
+# --------------------------------------------------------------------------------------------------
+# Persistent compilation cache
+
+COMPILATION_CACHE_VARIABLE = "CLEANSEPSIS_COMPILATION_CACHE"
+
+
+def enable_compilation_cache() -> Path | None:
+    """Keep compiled programs in JAX's persistent cache under the project's cache folder
+    (`cleansepsis.icu_replay.cache_dir()/jax`), so a second identical run loads its program instead of
+    compiling it. `CLEANSEPSIS_COMPILATION_CACHE=PATH` moves it, `=off` turns it off. JAX does not cache a
+    program with host callbacks, so with the cache on the progress bar does not advance per evaluation
+    (see `tick`). Returns the folder, or None when off."""
+    from cleansepsis.icu_replay import cache_dir
+
+    value = os.environ.get(COMPILATION_CACHE_VARIABLE, "").strip()
+    if value.lower() in ("off", "0", "no", "false"):
+        sweep._progress["ticks"] = True
+        return None
+    path = Path(value) if value else cache_dir() / "jax"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    sweep._progress["ticks"] = False
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
 # Data
 
 
@@ -95,22 +254,24 @@ def load_training_data(replay_path: str | Path | None, split: str = "train") -> 
     """(replay, the transitions of `split`, env params or None).
 
     With no path, the built-in ICU-Sepsis clinician replay (10,000 episodes, seed 0), built on first use.
-    Env params are loaded when the replay comes from ICU-Sepsis, so that policies are evaluated exactly."""
+    Env params are loaded when the replay comes from an MDP whose dynamics are known (ICU-Sepsis, the
+    sepsis simulator, a cohort MDP), so that policies are evaluated exactly."""
     if replay_path is None:
         from cleansepsis.icu_replay import default_replay_path
 
         replay_path = default_replay_path()
     replay = load_replay(replay_path)
     data = replay.split(split)
-    env_params = None
-    if replay.meta.get("source") == ICU_SEPSIS_SOURCE:
-        from cleansepsis import env
+    from cleansepsis import mdp
 
-        env_params = env.load_params()
-        if replay.obs_dim != env_params.state_vectors.shape[1] or replay.n_actions != env.N_ACTIONS:
+    env_params = mdp.params_for_replay(replay.meta)  # None where the dynamics are unknown (MIMIC-IV)
+    if env_params is not None:
+        n_actions = env_params.admissible_mask.shape[1]
+        if replay.obs_dim != env_params.state_vectors.shape[1] or replay.n_actions != n_actions:
             raise RunError(
-                f"{replay.path}: source is icu-sepsis but obs_dim {replay.obs_dim} / n_actions {replay.n_actions} "
-                f"differ from the env's {env_params.state_vectors.shape[1]} / {env.N_ACTIONS}"
+                f"{replay.path}: env {replay.meta.get('env_id') or replay.meta.get('source')} has obs_dim "
+                f"{env_params.state_vectors.shape[1]} / n_actions {n_actions}, but the replay has "
+                f"{replay.obs_dim} / {replay.n_actions}"
             )
     return replay, data, env_params
 
@@ -139,6 +300,16 @@ def sample_batch(key: jax.Array, data: Transitions, batch_size: int) -> Transiti
     """A uniform batch of transitions, gathered on the device."""
     rows = jax.random.randint(key, (batch_size,), 0, data.action.shape[0])
     return jax.tree.map(lambda x: x[rows], data)
+
+
+def learning_rate_at(peak: jnp.ndarray, count: jnp.ndarray, num_updates: int, schedule: str) -> jnp.ndarray:
+    """The learning rate after `count` updates: "cosine" from the (traced) peak to zero over num_updates,
+    or "constant"."""
+    if schedule == "cosine":
+        return peak * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(count, num_updates) / num_updates))
+    if schedule == "constant":
+        return peak * jnp.ones_like(count, jnp.float32)
+    raise RunError(f"--lr-schedule must be cosine or constant after defaults are chosen, got {schedule!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,6 +354,36 @@ def seed_keys(seeds: Sequence[int]) -> jax.Array:
 def index_run(tree: Any, setting: int, seed_index: int) -> Any:
     """One (setting, seed) slice of a pytree returned by run_sweep."""
     return jax.tree.map(lambda x: x[setting, seed_index] if hasattr(x, "shape") else x, tree)
+
+
+def scan_evaluations(
+    evaluate: Callable[[Any, Any], tuple[Any, Any]],
+    carry: Any,
+    num_evals: int,
+    evals_per_save: int,
+    snapshot: Callable[[Any], Any],
+) -> tuple[Any, Any, Any]:
+    """`jax.lax.scan(evaluate, carry, None, num_evals)` -> (carry, metrics (num_evals, ...), saved), where
+    with evals_per_save > 0 `saved` stacks snapshot(carry) after every evals_per_save evaluations except
+    the last (that one is the final policy): (num_evals // evals_per_save - 1, ...). None without saves."""
+    if not evals_per_save or evals_per_save >= num_evals:
+        carry, metrics = jax.lax.scan(evaluate, carry, None, length=num_evals)
+        return carry, metrics, None
+
+    def period(carry, _):
+        carry, metrics = jax.lax.scan(evaluate, carry, None, length=evals_per_save)
+        return carry, (metrics, snapshot(carry))
+
+    carry, (metrics, saved) = jax.lax.scan(period, carry, None, length=num_evals // evals_per_save)
+    metrics = jax.tree.map(lambda x: x.reshape(num_evals, *x.shape[2:]), metrics)
+    return carry, metrics, jax.tree.map(lambda x: x[:-1], saved)
+
+
+def policy_at(final: Any, saved: Any, setting: int, seed_index: int, save_index: int | None) -> Any:
+    """One policy returned by run_sweep: the final one (save_index None) or the save_index-th saved one."""
+    if save_index is None:
+        return index_run(final, setting, seed_index)
+    return jax.tree.map(lambda x: x[setting, seed_index, save_index], saved)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,10 +462,6 @@ def check_finite(
             )
 
 
-def _fmt_setting(setting: Mapping[str, float]) -> str:
-    return " ".join(f"{k}={v:g}" for k, v in setting.items()) or "default"
-
-
 def results_table(
     algo: str,
     settings: Sequence[Mapping[str, float]],
@@ -278,7 +475,7 @@ def results_table(
     columns = [c for c in columns if c in metrics]
     if not columns:  # no env: show the final losses instead
         columns = [k for k in metrics if not is_policy_metric(k)][:3]
-    width = max([len(_fmt_setting(s)) for s in settings] + [len(algo) + 12, 24])
+    width = max([len(fmt_setting(s)) for s in settings] + [len(algo) + 12, 24])
     lines = [f"{algo}: final values, mean +- std over {len(seeds)} seed(s)"]
     lines.append(f"{'setting':<{width}}  " + "  ".join(f"{c:>19}" for c in columns))
     for i, setting in enumerate(settings):
@@ -286,7 +483,7 @@ def results_table(
         for c in columns:
             final = metrics[c][i, :, -1]
             cells.append(f"{final.mean():>10.4f} +- {final.std():.4f}")
-        lines.append(f"{_fmt_setting(setting):<{width}}  " + "  ".join(f"{x:>19}" for x in cells))
+        lines.append(f"{fmt_setting(setting):<{width}}  " + "  ".join(f"{x:>19}" for x in cells))
     for name, value in (reference or {}).items():
         lines.append(f"{'(' + name + ')':<{width}}  {value:>10.4f}")
     return "\n".join(lines)
@@ -296,207 +493,13 @@ def print_results_table(*args: Any, **kwargs: Any) -> None:
     print(results_table(*args, **kwargs), flush=True)
 
 
-# --------------------------------------------------------------------------------------------------
-# Run folder
+def print_plan(title: str, args: Any, defaults: Mapping[str, Any], why: str) -> None:
+    """One line on stderr: what will be trained, and which values the batch mode chose."""
+    chosen = ", ".join(f"{_option(k)} {' '.join(map(str, _as_tuple(v)))}" for k, v in defaults["chosen"].items())
+    print(f"{title}: {defaults['batch_mode']} ({why}); {args.num_updates} updates per policy"
+          + (f"; defaults chosen: {chosen}" if chosen else ""), file=sys.stderr, flush=True)
 
 
-def default_run_dir(algo: str, name: str, root: str | Path = "runs") -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{algo}__{name}__{stamp}"
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("cleansepsis", "jax", "jaxlib", "equinox", "optax", "numpy", "polars"):
-        try:
-            out[pkg] = importlib_metadata.version(pkg)
-        except importlib_metadata.PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
-
-
-def args_to_dict(args: Any) -> dict[str, Any]:
-    raw = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
-    return json.loads(json.dumps(raw, default=str))
-
-
-def metrics_frame(
-    settings: Sequence[Mapping[str, float]],
-    seeds: Sequence[int],
-    steps: Sequence[int],
-    metrics: Mapping[str, Any],
-) -> pl.DataFrame:
-    """Long format: one row per (setting, seed, step); columns setting, seed, hparams, step, metrics."""
-    metrics = to_numpy(metrics)
-    steps = np.asarray(steps)
-    n_settings, n_seeds, n_steps = len(settings), len(seeds), len(steps)
-    for name, values in metrics.items():
-        if values.shape != (n_settings, n_seeds, n_steps):
-            raise RunError(f"metric {name!r} has shape {values.shape}; expected {(n_settings, n_seeds, n_steps)}")
-    grid_setting, grid_seed, grid_step = np.meshgrid(
-        np.arange(n_settings), np.asarray(seeds), steps, indexing="ij"
-    )
-    columns: dict[str, Any] = {
-        "setting": grid_setting.ravel().astype(np.int32),
-        "seed": grid_seed.ravel().astype(np.int64),
-    }
-    for name in settings[0] if settings else {}:
-        columns[name] = np.asarray([s[name] for s in settings], np.float64)[grid_setting.ravel()]
-    columns["step"] = grid_step.ravel().astype(np.int64)
-    for name, values in metrics.items():
-        columns[name] = values.reshape(-1).astype(np.float64)
-    return pl.DataFrame(columns)
-
-
-def plot_curves(
-    path: Path,
-    algo: str,
-    settings: Sequence[Mapping[str, float]],
-    steps: Sequence[int],
-    metrics: Mapping[str, Any],
-    reference: Mapping[str, float] | None = None,
-) -> None:
-    """Learning curves, mean and min-max band over seeds per setting, reference lines on return panels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = to_numpy(metrics)
-    names = [n for n in ("exact_return", "greedy_return") if n in metrics]
-    names += [n for n in metrics if not is_policy_metric(n)][: max(1, 4 - len(names))]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
-    steps = np.asarray(steps)
-    for ax, name in zip(axes[0], names, strict=True):
-        for i, setting in enumerate(settings):
-            values = metrics[name][i]  # (n_seeds, n_steps)
-            (line,) = ax.plot(steps, values.mean(0), label=_fmt_setting(setting))
-            ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
-        if name.endswith("_return"):
-            for (ref, value), style in zip((reference or {}).items(), (":", "--", "-."), strict=False):
-                ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=ref)
-        ax.set_title(name)
-        ax.set_xlabel("update")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    axes[0][0].legend(handles[:12], labels[:12], fontsize=7)
-    fig.suptitle(f"{algo}: mean and min-max over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def checkpoint_config(
-    *,
-    algo: str,
-    replay: Replay,
-    setting_index: int,
-    setting: Mapping[str, float],
-    seed: int,
-    network: dict[str, Any],
-    outputs: str,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The config.json of one policy checkpoint, everything a loader needs to check and use it."""
-    meta = replay.meta
-    config = {
-        "algo": algo,
-        "hparams": dict(setting),
-        "seed": int(seed),
-        "setting": int(setting_index),
-        "network": network,
-        "outputs": outputs,
-        "obs_dim": replay.obs_dim,
-        "n_actions": replay.n_actions,
-        "action_encoding": meta["action_encoding"],
-        "feature_names": list(meta["feature_names"]),
-        "normalisation": meta["normalisation"],
-        "replay_path": str(replay.path),
-        "replay_hash": meta.get("content_hash"),
-        "replay_source": meta.get("source"),
-        "env_id": meta.get("env_id"),
-        "action_bins": meta.get("action_bins"),
-        "cleansepsis_version": versions()["cleansepsis"],
-    }
-    config.update(extra or {})
-    return config
-
-
-def finish_run(
-    *,
-    algo: str,
-    args: Any,
-    replay: Replay,
-    settings: Sequence[Mapping[str, float]],
-    seeds: Sequence[int],
-    steps: Sequence[int],
-    metrics: Mapping[str, Any],
-    export: Callable[[int, int], tuple[dict[str, np.ndarray], dict[str, Any]]],
-    outputs: str,
-    timing: Mapping[str, float],
-    n_updates: int,
-    reference: Mapping[str, float] | None = None,
-    run_dir: str | Path | None = None,
-    name: str = "default",
-    overwrite: bool = False,
-    extra_summary: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write the run folder atomically and return its path.
-
-    `export(setting_index, seed_index)` returns (tensors, network) of that policy, as
-    `cleansepsis.checkpoint.save_checkpoint` takes them. `n_updates` is the number of updates per policy."""
-    if outputs not in ("q_values", "logits"):
-        raise RunError(f"outputs must be 'q_values' or 'logits', got {outputs!r}")
-    path = Path(run_dir) if run_dir is not None else default_run_dir(algo, name)
-    metrics = to_numpy(metrics)
-    frame = metrics_frame(settings, seeds, steps, metrics)  # also checks shapes before anything is written
-    train_seconds = float(timing["train_seconds"])
-    n_policies = len(settings) * len(seeds)
-    runs = []
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        for s, setting in enumerate(settings):
-            for i, seed in enumerate(seeds):
-                finals = {k: float(v[s, i, -1]) for k, v in metrics.items()}
-                ckpt_rel = f"checkpoints/s{s}_seed{seed}"
-                tensors, network = export(s, i)
-                known = {k: finals[k] for k in POLICY_METRICS if k in finals}
-                config = checkpoint_config(
-                    algo=algo, replay=replay, setting_index=s, setting=setting, seed=seed,
-                    network=network, outputs=outputs, extra=known,
-                )
-                save_checkpoint(tmp / ckpt_rel, tensors, config)
-                runs.append({
-                    "setting": s,
-                    "seed": int(seed),
-                    "hparams": dict(setting),
-                    "final": finals,
-                    **known,
-                    "checkpoint": ckpt_rel,
-                })
-        frame.write_parquet(tmp / "metrics.parquet")
-        plot_curves(tmp / "curves.png", algo, settings, steps, metrics, reference)
-        summary = {
-            "algo": algo,
-            "args": args_to_dict(args),
-            "device": device_info(),
-            "versions": versions(),
-            "replay": {
-                "path": str(replay.path),
-                "content_hash": replay.meta.get("content_hash"),
-                "source": replay.meta.get("source"),
-                "n_transitions": replay.meta.get("n_transitions"),
-                "n_episodes": replay.meta.get("n_episodes"),
-            },
-            "compile_seconds": float(timing["compile_seconds"]),
-            "train_seconds": train_seconds,
-            "n_policies": n_policies,
-            "updates_per_policy": int(n_updates),
-            "updates_per_second": n_updates * n_policies / max(train_seconds, 1e-9),
-            "reference": dict(reference or {}),
-            "settings": [dict(s) for s in settings],
-            "seeds": [int(x) for x in seeds],
-            "runs": runs,
-            "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **(extra_summary or {}),
-        }
-        write_json(tmp / "summary.json", summary)
-    return path
+def print_timing(timing: Mapping[str, float], path: Path) -> None:
+    print(f"compile {timing['compile_seconds']:.1f} s, train {timing['train_seconds']:.1f} s; wrote {path}",
+          file=sys.stderr, flush=True)

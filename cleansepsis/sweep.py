@@ -127,7 +127,9 @@ def device_info() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Progress bar, advanced from inside the compiled program
 
-_progress: dict[str, Any] = {"bar": None}
+# "ticks": False while the persistent compilation cache is on (runs.enable_compilation_cache): JAX does not
+# cache a program with host callbacks, so tick() then adds none
+_progress: dict[str, Any] = {"bar": None, "ticks": True}
 
 
 def _advance(value: Any = None) -> None:
@@ -142,6 +144,8 @@ def _advance(value: Any = None) -> None:
 def tick(value: jnp.ndarray | None = None) -> None:
     """Advance the progress bar by one evaluation; call once per outer-scan step inside train. With a
     scalar `value` (e.g. the exact return), the bar also shows the latest one."""
+    if not _progress["ticks"]:
+        return
     if value is None:
         jax.debug.callback(_advance)
     else:

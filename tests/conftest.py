@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import polars as pl
 import pytest
 
 OBS_DIM, N_ACTIONS = 3, 25
+
+# The learners keep compiled programs in a persistent cache under the user's cache folder; tests (and the
+# scripts they start as subprocesses, which inherit this) must not fill it. A test that checks the cache
+# points it at its own tmp folder.
+os.environ["CLEANSEPSIS_COMPILATION_CACHE"] = "off"
 
 
 def pytest_configure(config):

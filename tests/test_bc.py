@@ -53,10 +53,10 @@ def test_bandit_clone_reaches_the_logged_probabilities(tmp_path):
     )
     replay = load_replay(path)
     data, held_out = replay.split("train"), {"val": replay.split("val")}
-    args = bc.Args(hidden=16, num_updates=1500, eval_every=500, batch_size=256)
+    args = bc.Args(hidden=(16, 16), num_updates=1500, eval_every=500, batch_size=256, lr_schedule="constant")
     train, static = bc.make_train(args, data, held_out, None)
     settings, hparams = runs.make_hparam_grid({"learning_rate": [3e-3], "weight_decay": [0.0]})
-    (params, metrics), _ = runs.run_sweep(train, [0, 1], hparams, n_ticks=args.num_evals, inputs=(data, held_out, None))
+    (params, metrics, _), _ = runs.run_sweep(train, [0, 1], hparams, n_ticks=args.num_evals, inputs=(data, held_out, None))
     runs.check_finite(metrics, settings, [0, 1])
     logged = np.bincount(action, minlength=4) / n
     for i in range(2):
@@ -100,10 +100,12 @@ def test_cli_on_a_small_icu_sepsis_replay_reports_held_out_metrics_and_checkpoin
     assert logits.shape == (5, 25) and bool(jnp.all(jnp.isfinite(logits)))
 
 
-def test_cli_rejects_bad_arguments_cleanly(tmp_path):
-    out = _run("--num-updates", "5", "--eval-every", "10", cwd=tmp_path)
-    assert out.returncode == 1 and out.stderr.startswith("error: ") and "--eval-every" in out.stderr
-    assert "Traceback" not in out.stderr
+def test_cli_rejects_bad_arguments_cleanly(capsys):
+    """In-process through the same runs.cli_main the script runs under (the errors come before any work)."""
+    with pytest.raises(SystemExit) as exit_info:
+        runs.cli_main(lambda: bc.main(["--num-updates", "5", "--eval-every", "10"]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("error: ") and "--eval-every" in err and "Traceback" not in err
 
 
 def test_softmax_policy_restricted_to_admissible_actions():

@@ -16,7 +16,10 @@ import polars as pl
 import pytest
 
 import cql
+from cleansepsis import runs
 from cleansepsis.checkpoint import load_checkpoint, network_forward
+from cleansepsis.full_batch import full_batch as make_full_batch
+from cleansepsis.networks import MLP, export_mlp
 from cleansepsis.replay import Transitions, distinct_transitions, write_replay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +54,8 @@ def hparams(alpha=0.0, learning_rate=1e-3, gamma=1.0):
 
 
 def small_args(**kw):
-    base = dict(total_updates=1500, eval_every=500, batch_size=256, hidden=(32, 32), target_update_every=50)
+    base = dict(num_updates=1500, eval_every=500, batch_size=256, hidden=(32, 32), target_update_every=50,
+                lr_schedule="cosine")
     return dataclasses.replace(cql.Args(), **{**base, **kw})
 
 
@@ -122,11 +126,11 @@ def random_replay_with_repeats(seed=0, n=600, n_obs=7, n_actions=5, n_kinds=45):
 
 def test_full_batch_loss_equals_the_minibatch_loss_over_the_whole_replay():
     data, n_kinds = random_replay_with_repeats()
-    distinct = distinct_transitions(data)
+    distinct = make_full_batch(distinct_transitions(data))
     assert distinct.size == n_kinds and abs(float(distinct.weight.sum()) - 1.0) < 1e-6
     static = cql.network_static(3, 5, (16,))
-    params, _ = eqx.partition(cql.QNetwork(3, 5, (16,), jax.random.PRNGKey(0)), eqx.is_array)
-    target_params, _ = eqx.partition(cql.QNetwork(3, 5, (16,), jax.random.PRNGKey(1)), eqx.is_array)
+    params, _ = eqx.partition(MLP(3, 5, (16,), jax.random.PRNGKey(0)), eqx.is_array)
+    target_params, _ = eqx.partition(MLP(3, 5, (16,), jax.random.PRNGKey(1)), eqx.is_array)
     hp = hparams(alpha=0.7, gamma=0.9)
     (loss, terms), grads = jax.value_and_grad(cql.cql_loss, has_aux=True)(params, static, target_params, data, hp)
     (full_loss, full_terms), full_grads = jax.value_and_grad(cql.full_batch_cql_loss, has_aux=True)(
@@ -191,11 +195,11 @@ def chain(n=4000, seed=0):
 @pytest.mark.parametrize("full_batch", [False, True])
 def test_two_state_chain_bootstraps_through_admissible_actions(full_batch):
     data = chain()
-    args = small_args(total_updates=2000, eval_every=1000, full_batch=full_batch)
+    args = small_args(num_updates=2000, eval_every=1000, full_batch=full_batch)
     if full_batch:  # the next-state mask differs from the state's own: two table rows for B in copy 1
-        data = distinct_transitions(data)
+        data = make_full_batch(distinct_transitions(data))
         assert data.obs_table.shape[0] == 6 and data.size == 8
-    params, metrics = jax.jit(cql.make_train(args, 3, 2))(
+    params, metrics, _ = jax.jit(cql.make_train(args, 3, 2))(
         jax.random.PRNGKey(1), hparams(alpha=0.0), (data, None)
     )
     q = q_values(args, params, 2, np.array([[1, 0, 0], [0, 1, 0], [1, 0, 1], [0, 1, 1]], np.float32))
@@ -210,7 +214,7 @@ def test_two_state_chain_bootstraps_through_admissible_actions(full_batch):
 
 def test_seeds_differ_same_seed_repeats_and_no_retrace():
     data, _ = bandit(500)
-    args = small_args(total_updates=100, eval_every=50)
+    args = small_args(num_updates=100, eval_every=50)
     traces = []
     train = cql.make_train(args, 2, 4)
 
@@ -220,8 +224,8 @@ def test_seeds_differ_same_seed_repeats_and_no_retrace():
 
     sweep = jax.jit(jax.vmap(counted, in_axes=(0, None, None)))
     keys = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 0)])
-    params, metrics = sweep(keys, hparams(alpha=0.5), (data, None))
-    params_again, _ = sweep(keys, hparams(alpha=0.2), (data, None))  # new hyperparameter values: no new trace
+    params, metrics, _ = sweep(keys, hparams(alpha=0.5), (data, None))
+    params_again, _, _ = sweep(keys, hparams(alpha=0.2), (data, None))  # new hyperparameter values: no new trace
     assert len(traces) == 1
     first = params.layers[0].weight
     assert not np.allclose(first[0], first[1])  # different seeds, different networks
@@ -234,9 +238,9 @@ def test_exported_checkpoint_forward_equals_network(tmp_path):
     from cleansepsis.checkpoint import save_checkpoint
 
     args = small_args()
-    net = cql.QNetwork(2, 4, args.hidden, jax.random.PRNGKey(3))
+    net = MLP(2, 4, args.hidden, jax.random.PRNGKey(3))
     params, static = eqx.partition(net, eqx.is_array)
-    tensors, network = cql.export_policy(params, static, args.hidden)
+    tensors, network = export_mlp(params, static)
     save_checkpoint(
         tmp_path / "ckpt", tensors, {"network": network, "outputs": "q_values", "obs_dim": 2, "n_actions": 4}
     )
@@ -292,12 +296,13 @@ def test_smoke_run_writes_run_folder(tmp_path, full_batch):
     replay = write_bandit_replay(tmp_path / "bandit.parquet")
     out = tmp_path / "run"
     result = run_script(
-        "--replay", str(replay), "--alpha", "0.1", "1", "--num-seeds", "2", "--total-updates", "40",
+        "--replay", str(replay), "--alpha", "0.1", "1", "--num-seeds", "2", "--num-updates", "40",
         "--eval-every", "20", "--batch-size", "16", "--hidden", "8", "--run-dir", str(out),
         *(["--full-batch"] if full_batch else []),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert ("distinct ones" in result.stderr) == full_batch
+    assert ("cql: full batch (--full-batch" in result.stderr) == full_batch
+    assert ("cql: minibatch (" in result.stderr) != full_batch
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["runs"]) == 4
     assert sorted(round(r["hparams"]["alpha"], 4) for r in summary["runs"]) == [0.1, 0.1, 1.0, 1.0]
@@ -310,10 +315,13 @@ def test_smoke_run_writes_run_folder(tmp_path, full_batch):
     assert tensors["output.weight"].shape == (25, 8) and abs(config["hparams"]["alpha"] - 0.1) < 1e-6
 
 
-def test_bad_arguments_give_a_clear_error(tmp_path):
+def test_bad_arguments_give_a_clear_error(tmp_path, capsys):
+    """In-process through the same runs.cli_main the script runs under (the errors come before any work)."""
     replay = write_bandit_replay(tmp_path / "bandit.parquet")
-    result = run_script("--replay", str(replay), "--total-updates", "30", "--eval-every", "20")
-    assert result.returncode != 0
-    assert "error:" in result.stderr and "--eval-every" in result.stderr and "Traceback" not in result.stderr
-    result = run_script("--replay", str(tmp_path / "missing.parquet"))
-    assert result.returncode != 0 and "missing.parquet" in result.stderr and "Traceback" not in result.stderr
+    for argv, what in ((["--replay", str(replay), "--num-updates", "30", "--eval-every", "20"], "--eval-every"),
+                       (["--replay", str(tmp_path / "missing.parquet")], "missing.parquet")):
+        with pytest.raises(SystemExit) as exit_info:
+            runs.cli_main(lambda argv=argv: cql.main(argv))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and err.startswith("error: ") and "Traceback" not in err
+        assert what in err

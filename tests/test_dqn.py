@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import polars as pl
+import pytest
 from test_cql import chain
 
 import dqn
+from cleansepsis import online, runs
 from cleansepsis.checkpoint import load_checkpoint, network_forward, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +46,7 @@ def test_td_target_matches_numpy_double_and_plain_with_mask():
 def test_prioritized_sampling_follows_priorities_with_numpy_weights():
     priorities = jnp.asarray([0.0, 1.0, 3.0, 0.5, 0.5, 0.0, 0.0, 0.0], jnp.float32)  # slots 5.. empty
     size, batch, beta = 5, 4096, 0.5
-    rows, weight = jax.jit(lambda k: dqn.sample_rows(k, priorities, size, batch, beta, True))(
+    rows, weight = jax.jit(lambda k: online.sample_rows(k, priorities, size, batch, beta, True))(
         jax.random.PRNGKey(0)
     )
     rows, weight = np.asarray(rows), np.asarray(weight)
@@ -54,14 +56,14 @@ def test_prioritized_sampling_follows_priorities_with_numpy_weights():
     np.testing.assert_allclose(freq, prob, atol=0.02)  # stratified draws: close to the exact shares
     expected = (size * prob[rows]) ** -beta
     np.testing.assert_allclose(weight, expected / expected.max(), rtol=1e-5)
-    uniform_rows, uniform_weight = dqn.sample_rows(jax.random.PRNGKey(1), priorities, size, 512, beta, False)
+    uniform_rows, uniform_weight = online.sample_rows(jax.random.PRNGKey(1), priorities, size, 512, beta, False)
     assert np.asarray(uniform_rows).max() < size and np.all(np.asarray(uniform_weight) == 1.0)
 
 
 def offline_args(**kw):
     base = dict(
-        replay="probe", total_updates=2000, eval_every=1000, batch_size=256, hidden=(32, 32),
-        target_update_every=50, learning_rate=(1e-3,),
+        replay="probe", num_updates=2000, eval_every=1000, batch_size=256, hidden=(32, 32),
+        target_update_every=50, learning_rate=(1e-3,), lr_schedule="cosine",
     )  # fmt: skip
     return dataclasses.replace(dqn.Args(), **{**base, **kw})
 
@@ -81,8 +83,8 @@ def test_offline_chain_probe_seeds_and_no_retrace():
     sweep = jax.jit(jax.vmap(counted, in_axes=(0, None, None)))
     keys = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 0)])
     hp = {"learning_rate": jnp.float32(1e-3), "gamma": jnp.float32(1.0)}
-    params, metrics = sweep(keys, hp, (data, None))
-    _, metrics_again = sweep(keys, {**hp, "gamma": jnp.float32(0.5)}, (data, None))
+    params, metrics, _ = sweep(keys, hp, (data, None))
+    _, metrics_again, _ = sweep(keys, {**hp, "gamma": jnp.float32(0.5)}, (data, None))
     assert len(traces) == 1
     static = dqn.network_static(3, 2, args)
     obs = jnp.asarray([[1, 0, 0], [0, 1, 0], [1, 0, 1], [0, 1, 1]], jnp.float32)
@@ -136,10 +138,11 @@ def test_online_smoke_run_writes_run_folder(tmp_path):
     assert network_forward(tensors, config["network"], np.zeros((3, 47), np.float32)).shape == (3, 25)
 
 
-def test_bad_arguments_give_a_clear_error():
-    result = subprocess.run(
-        [sys.executable, str(REPO / "dqn.py"), "--num-envs", "0"], cwd=REPO, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode != 0
-    assert "error:" in result.stderr and "Traceback" not in result.stderr
+def test_bad_arguments_give_a_clear_error(capsys):
+    """In-process through the same runs.cli_main the script runs under (the errors come before any work)."""
+    for argv, what in ((["--num-envs", "0"], "--num-envs"), (["--num-updates", "5000"], "--num-updates")):
+        with pytest.raises(SystemExit) as exit_info:
+            runs.cli_main(lambda argv=argv: dqn.main(argv))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and err.startswith("error: ") and "Traceback" not in err
+        assert what in err

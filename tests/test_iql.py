@@ -18,6 +18,8 @@ from test_runs import write_probe_replay
 import iql
 from cleansepsis import runs
 from cleansepsis.checkpoint import load_checkpoint, network_forward, save_checkpoint
+from cleansepsis.full_batch import full_batch
+from cleansepsis.networks import export_mlp
 from cleansepsis.replay import distinct_transitions, load_replay, write_replay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,10 +37,10 @@ def test_expectile_loss_matches_numpy():
 
 def test_learning_rate_schedule_is_a_cosine_from_the_traced_peak_to_zero():
     counts = np.array([0, 250, 500, 750, 1000])
-    decayed = jax.jit(lambda peak: jax.vmap(iql.learning_rate_schedule(peak, 1000, True))(counts))(2e-3)
+    decayed = jax.jit(lambda peak: runs.learning_rate_at(peak, counts, 1000, "cosine"))(2e-3)
     np.testing.assert_allclose(decayed, 2e-3 * 0.5 * (1 + np.cos(np.pi * counts / 1000)), rtol=1e-6)
     assert decayed[-1] == pytest.approx(0.0, abs=1e-12)
-    assert iql.learning_rate_schedule(2e-3, 1000, False) == 2e-3
+    np.testing.assert_allclose(runs.learning_rate_at(2e-3, counts, 1000, "constant"), 2e-3)
 
 
 def test_awr_weights_and_masked_log_prob_match_numpy():
@@ -76,9 +78,9 @@ def _chain_replay(tmp_path, n=400, seed=0):
 
 def test_full_batch_losses_equal_the_minibatch_losses_over_the_whole_replay():
     data, n_kinds = random_replay_with_repeats(seed=3)
-    distinct = distinct_transitions(data)
-    assert distinct.size == n_kinds
-    args = iql.Args(hidden=16, depth=1, reward_scale=10.0, gamma=0.9)
+    distinct = full_batch(distinct_transitions(data))
+    assert distinct.size == n_kinds and distinct.continue_next is not None
+    args = iql.Args(hidden=(16,), reward_scale=10.0, gamma=0.9, num_updates=1000)
     _, _, (losses, full_batch_losses) = iql.make_train(args, data, None)
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
 
@@ -100,8 +102,8 @@ def test_full_batch_losses_equal_the_minibatch_losses_over_the_whole_replay():
 
 
 def _small_args(**kw) -> iql.Args:
-    base = dict(hidden=32, depth=2, batch_size=128, num_updates=3000, eval_every=1000, reward_scale=1.0,
-                target_update_rate=0.01)
+    base = dict(hidden=(32, 32), batch_size=128, num_updates=3000, eval_every=1000, reward_scale=1.0,
+                target_update_rate=0.01, learning_rate=(3e-3,), lr_schedule="constant")
     return iql.Args(**{**base, **kw})
 
 
@@ -120,8 +122,8 @@ def test_chain_answer_seeds_no_retrace_and_checkpoint(tmp_path):
 
     settings, hparams = runs.make_hparam_grid({"tau": [0.9], "beta": [10.0], "learning_rate": [3e-3]})
     seeds = [0, 1, 0]
-    (params, metrics), _ = runs.run_sweep(counted, seeds, hparams, n_ticks=args.num_evals, inputs=(data, None))
-    assert len(traces) == 1
+    (params, metrics, saved), _ = runs.run_sweep(counted, seeds, hparams, n_ticks=args.num_evals, inputs=(data, None))
+    assert len(traces) == 1 and saved is None
     runs.check_finite(metrics, settings, seeds)
     states = jnp.asarray([[1.0, 0.0], [0.0, 1.0]])
     for seed_index in range(len(seeds)):
@@ -139,7 +141,7 @@ def test_chain_answer_seeds_no_retrace_and_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.asarray(metrics["q_loss"])[0, 0], np.asarray(metrics["q_loss"])[0, 2])
 
     pi = runs.index_run(params.pi, 0, 1)
-    tensors, network = iql.export_policy(pi, statics["pi"], args.depth)
+    tensors, network = export_mlp(pi, statics["pi"])
     path = save_checkpoint(tmp_path / "ckpt", tensors, {"network": network, "outputs": "logits", "obs_dim": 2,
                                                         "n_actions": 2})
     tensors, config = load_checkpoint(path)
@@ -154,15 +156,14 @@ def _run(*argv, cwd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("full_batch", [False, True])
-def test_cli_on_a_small_icu_sepsis_replay_writes_the_run_folder(tmp_path, full_batch):
+def test_cli_on_a_small_icu_sepsis_replay_writes_the_run_folder(tmp_path):
+    """With minibatches; the full-batch CLI run is tests/test_runs.py's fork test."""
     from cleansepsis.icu_replay import make_clinician_replay
 
     frame, meta = make_clinician_replay(200, seed=1)
     write_replay(tmp_path / "icu.parquet", frame, meta)
     out = _run("--replay", "icu.parquet", "--tau", "0.7", "0.9", "--num-seeds", "2", "--num-updates", "20",
-               "--eval-every", "10", "--hidden", "16", "--run-dir", "run", *(["--full-batch"] * full_batch),
-               cwd=tmp_path)
+               "--eval-every", "10", "--hidden", "16", "--run-dir", "run", "--minibatch", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "clinician" in out.stdout and "tau=0.9" in out.stdout
     run = tmp_path / "run"
@@ -177,9 +178,13 @@ def test_cli_on_a_small_icu_sepsis_replay_writes_the_run_folder(tmp_path, full_b
         assert config["hparams"]["tau"] == entry["hparams"]["tau"] and config["exact_return"] == entry["exact_return"]
 
 
-def test_cli_errors_are_one_line_without_traceback(tmp_path):
-    out = _run("--replay", "missing.parquet", "--num-updates", "10", "--eval-every", "10", cwd=tmp_path)
-    assert out.returncode == 1 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
-    assert "missing.parquet" in out.stderr
-    out = _run("--tau", "1.5", cwd=tmp_path)
-    assert out.returncode == 1 and "--tau" in out.stderr and "Traceback" not in out.stderr
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, monkeypatch):
+    """In-process through the same runs.cli_main the script runs under (the errors come before any work)."""
+    monkeypatch.chdir(tmp_path)
+    for argv, what in ((["--replay", "missing.parquet", "--num-updates", "10", "--eval-every", "10"], "missing.parquet"),
+                       (["--tau", "1.5"], "--tau")):
+        with pytest.raises(SystemExit) as exit_info:
+            runs.cli_main(lambda argv=argv: iql.main(argv))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and err.startswith("error: ") and "Traceback" not in err
+        assert what in err
