@@ -409,7 +409,7 @@ def _cli_cases(repo: Path, python: str, workdir: Path) -> list[dict]:
         ("data_prep Ctrl-C after 6 s", "interrupt", [*prep, "--episodes", "200000", "--out",
                                                       f"{out_dir}/int2.parquet"], 6.0),
         ("cql.py on an all-terminated replay", "refuse",
-         [python, str(repo / "cql.py"), "--replay", str(broken), "--total-updates", "20", "--eval-every", "10",
+         [python, str(repo / "cql.py"), "--replay", str(broken), "--num-updates", "20", "--eval-every", "10",
           "--num-seeds", "1"], None),
         ("iql.py on a replay whose mask excludes the action", "refuse",
          [python, str(repo / "iql.py"), "--replay", str(masks), "--num-updates", "20", "--eval-every", "10",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "study.py"
 def study(tmp_path_factory):
     spec = importlib.util.spec_from_file_location("_study_under_test", STUDY)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("study")
     result = module.main(["--quick", "--out", str(out)])
