@@ -259,7 +259,12 @@ def reference_bench_runner(n_steps: int):
     """A function that times one run of the reference icu-sepsis Gymnasium env (Python loop, random
     actions, reset on episode end) and returns its steps per second."""
     env = _reference_env_class()()
-    actions = np.random.default_rng(0).integers(0, 5, size=(n_steps, 2))
+    return _gymnasium_loop_runner(env, np.random.default_rng(0).integers(0, 5, size=(n_steps, 2)))
+
+
+def _gymnasium_loop_runner(env, actions: np.ndarray):
+    """A function that steps `env` through `actions` in a Python loop (reset on episode end) and returns
+    its steps per second."""
     env.reset(seed=0)
 
     def run() -> float:
@@ -269,7 +274,7 @@ def reference_bench_runner(n_steps: int):
             _, _, terminated, truncated, _ = env.step(action)
             if terminated or truncated:
                 env.reset()
-        return n_steps / (time.perf_counter() - start)
+        return len(actions) / (time.perf_counter() - start)
 
     return run
 
@@ -291,19 +296,7 @@ def gymnasium_bench_runner(n_steps: int, mdp: str):
     from cleansepsis.mdp import FiniteMDPEnv
 
     env = FiniteMDPEnv(load_mdp(mdp, obs_mode="index"))
-    actions = np.random.default_rng(0).integers(0, env.action_space.n, size=n_steps)
-    env.reset(seed=0)
-
-    def run() -> float:
-        env.reset()
-        start = time.perf_counter()
-        for action in actions:
-            _, _, terminated, truncated, _ = env.step(action)
-            if terminated or truncated:
-                env.reset()
-        return n_steps / (time.perf_counter() - start)
-
-    return run
+    return _gymnasium_loop_runner(env, np.random.default_rng(0).integers(0, env.action_space.n, size=n_steps))
 
 
 def bench_results(
