@@ -10,7 +10,7 @@ and the script reports, per method and rule, the selected candidate's exact retu
 return among the candidates minus the selected one's) and the Spearman correlation of the estimates with
 the exact values.
 
-With `--folds K` it also cross-fits (written but not yet run: untested): the budget is cut into K folds of episodes; the grid trains K times,
+With `--folds K` it also cross-fits: the budget is cut into K folds of episodes; the grid trains K times,
 each time on all folds but one, and every configuration (algorithm, setting, number of updates) is scored
 on the fold it did not see; the configuration with the highest mean estimate over folds and seeds is then
 trained on all the episodes and deployed. Regret and Spearman are measured on the configurations trained
@@ -300,16 +300,30 @@ def cross_fit(args: Args, out: Path, log) -> dict[str, Any]:
     truth: dict[str, list[float]] = {}
     for c, value in zip(deployed, exact, strict=True):
         truth.setdefault(config_key(c), []).append(float(value))
+    result = cross_fit_choice(per_config, truth)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def cross_fit_choice(per_config: dict[str, dict[str, list[float]]], truth: dict[str, list[float]]) -> dict[str, Any]:
+    """Per method: the configuration with the highest mean estimate over folds and seeds, and its regret and
+    Spearman against the exact returns of the configurations trained on all the episodes (mean over seeds).
+    Configurations missing on either side are left out; NaN estimates are ignored in the means."""
     keys = sorted(k for k in per_config if k in truth)
+    if not keys:
+        raise ValueError("no configuration was both scored on a fold and trained on all the episodes")
     true_mean = np.array([np.mean(truth[k]) for k in keys])
     result: dict[str, Any] = {"n_configs": len(keys), "oracle_best_exact": float(true_mean.max()),
-                              "oracle_best": keys[int(np.argmax(true_mean))], "methods": {},
-                              "seconds": time.perf_counter() - t0}  # fmt: skip
+                              "oracle_best": keys[int(np.argmax(true_mean))], "methods": {}}  # fmt: skip
     for m in ("fqe", "wdr", "wis"):
-        est = np.array([np.nanmean(per_config[k][m]) for k in keys])
+        scores = [np.asarray(per_config[k][m], np.float64) for k in keys]
+        est = np.array([s[np.isfinite(s)].mean() if np.isfinite(s).any() else np.nan for s in scores])
+        if not np.isfinite(est).any():
+            continue
         chosen = int(np.nanargmax(est))
         result["methods"][m] = {"config": keys[chosen], "estimate": float(est[chosen]),
                                 "exact_return": float(true_mean[chosen]), "regret": float(true_mean.max() - true_mean[chosen]),
+                                "n_estimates": int(np.isfinite(scores[chosen]).sum()),
                                 "spearman": select.spearman(est, true_mean)}  # fmt: skip
     return result
 
