@@ -82,6 +82,8 @@ class Args:
     """Two-stage shortlist (by WIS)."""
     folds: int = 0
     """Cross-fitting folds (0: the plain split only)."""
+    learners: tuple[str, ...] = ("cql", "iql")
+    """Which learners' grids make the candidates."""
     learners_dir: Path = REPO
     """Folder holding cql.py and iql.py."""
     out: Path | None = None
@@ -235,7 +237,7 @@ def plain_split(args: Args, out: Path, log) -> dict[str, Any]:
         write_replay(replay, frame, meta)
     timings = {}
     t0 = time.perf_counter()
-    folders = train("cql", args, replay, out / "cql", log) + train("iql", args, replay, out / "iql", log)
+    folders = [f for algo in args.learners for f in train(algo, args, replay, out / algo, log)]
     timings["train_seconds"] = time.perf_counter() - t0
     sel_args = select.Args(run_dirs=tuple(folders), replay=replay, split="val", n_boot=args.n_boot,
                            fqe_interval_top=args.fqe_interval_top, shortlist=args.shortlist, overwrite=True, out=out,
@@ -283,7 +285,7 @@ def cross_fit(args: Args, out: Path, log) -> dict[str, Any]:
     per_config: dict[str, dict[str, list[float]]] = {}
     t0 = time.perf_counter()
     for f, path in enumerate(fold_paths):
-        folders = train("cql", args, path, out / f"fold{f}_cql", log) + train("iql", args, path, out / f"fold{f}_iql", log)
+        folders = [f for algo in args.learners for f in train(algo, args, path, out / f"fold{f}_{algo}", log)]
         sel_args = select.Args(run_dirs=tuple(folders), replay=path, split="val", n_boot=args.n_boot,
                                fqe_interval_top=args.fqe_interval_top, shortlist=args.shortlist,
                                fqe_boot=args.fqe_boot)  # fmt: skip
@@ -292,7 +294,7 @@ def cross_fit(args: Args, out: Path, log) -> dict[str, Any]:
             entry = per_config.setdefault(config_key(c), {m: [] for m in ("fqe", "wdr", "wis")})
             for m in entry:
                 entry[m].append(float(scored.scores.estimate[m][i]))
-    folders = train("cql", args, full, out / "all_cql", log) + train("iql", args, full, out / "all_iql", log)
+    folders = [f for algo in args.learners for f in train(algo, args, full, out / f"all_{algo}", log)]
     deployed = select.list_candidates(folders)
     policies = [select.load_policy(c.path) for c in deployed]
     tables, mask = select.exact_tables(policies, "greedy")
@@ -345,6 +347,9 @@ def table(result: dict[str, Any]) -> str:
 
 def main() -> None:
     args = tyro.cli(Args, description=__doc__)
+    unknown = sorted(set(args.learners) - {"cql", "iql"}) or (not args.learners and ["(none)"])
+    if unknown:
+        raise SystemExit(f"error: --learners {' '.join(unknown)}: expected cql and/or iql")
     out = (args.out or REPO / "runs" / f"bench_select_{args.episodes}").resolve()
     out.mkdir(parents=True, exist_ok=True)
 
