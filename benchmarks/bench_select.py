@@ -237,7 +237,7 @@ def plain_split(args: Args, out: Path, log) -> dict[str, Any]:
         write_replay(replay, frame, meta)
     timings = {}
     t0 = time.perf_counter()
-    folders = [f for algo in args.learners for f in train(algo, args, replay, out / algo, log)]
+    folders = [folder for algo in args.learners for folder in train(algo, args, replay, out / algo, log)]
     timings["train_seconds"] = time.perf_counter() - t0
     sel_args = select.Args(run_dirs=tuple(folders), replay=replay, split="val", n_boot=args.n_boot,
                            fqe_interval_top=args.fqe_interval_top, shortlist=args.shortlist, overwrite=True, out=out,
@@ -285,7 +285,7 @@ def cross_fit(args: Args, out: Path, log) -> dict[str, Any]:
     per_config: dict[str, dict[str, list[float]]] = {}
     t0 = time.perf_counter()
     for f, path in enumerate(fold_paths):
-        folders = [f for algo in args.learners for f in train(algo, args, path, out / f"fold{f}_{algo}", log)]
+        folders = [folder for algo in args.learners for folder in train(algo, args, path, out / f"fold{f}_{algo}", log)]
         sel_args = select.Args(run_dirs=tuple(folders), replay=path, split="val", n_boot=args.n_boot,
                                fqe_interval_top=args.fqe_interval_top, shortlist=args.shortlist,
                                fqe_boot=args.fqe_boot)  # fmt: skip
@@ -294,7 +294,7 @@ def cross_fit(args: Args, out: Path, log) -> dict[str, Any]:
             entry = per_config.setdefault(config_key(c), {m: [] for m in ("fqe", "wdr", "wis")})
             for m in entry:
                 entry[m].append(float(scored.scores.estimate[m][i]))
-    folders = [f for algo in args.learners for f in train(algo, args, full, out / f"all_{algo}", log)]
+    folders = [folder for algo in args.learners for folder in train(algo, args, full, out / f"all_{algo}", log)]
     deployed = select.list_candidates(folders)
     policies = [select.load_policy(c.path) for c in deployed]
     tables, mask = select.exact_tables(policies, "greedy")
