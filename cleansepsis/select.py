@@ -246,27 +246,28 @@ def _stack_policy(model: ope.TabularModel, policies: jnp.ndarray, first_probs: j
 
 
 @eqx.filter_jit
-def _fqe_points(model: ope.TabularModel, policies: jnp.ndarray, first_probs: jnp.ndarray, gamma: float):
-    """ope.tabular_fqe on the full data for each candidate's policy: (K,) values and (K, S, A) Q."""
+def _fqe_points(model: ope.TabularModel, policies: jnp.ndarray, first_state: jnp.ndarray, gamma: float):
+    """ope.tabular_fqe on the full data for each candidate's policy: (K,) values and (K, S, A) Q. Each
+    candidate's first-step probabilities are gathered inside the map, so no (K, E, A) array is held."""
     ones = jnp.ones(model.first_state.shape[0], jnp.float32)
 
-    def one(policy, first):
-        return ope.tabular_fqe(_stack_policy(model, policy, first), gamma, ones, 20)
+    def one(policy):
+        return ope.tabular_fqe(_stack_policy(model, policy, policy[first_state]), gamma, ones, 20)
 
-    return jax.lax.map(lambda pf: one(*pf), (policies, first_probs))
+    return jax.lax.map(one, policies)
 
 
 @eqx.filter_jit
-def _fqe_refits(model: ope.TabularModel, policies: jnp.ndarray, first_probs: jnp.ndarray, gamma: float,
+def _fqe_refits(model: ope.TabularModel, policies: jnp.ndarray, first_state: jnp.ndarray, gamma: float,
                 counts: jnp.ndarray) -> jnp.ndarray:  # fmt: skip
     """(K, B) ope.tabular_fqe refit on every resample of every given candidate: a linear solve each, so
     this is the expensive part of scoring and runs only for the candidates that need an FQE interval."""
 
-    def one(policy, first):
-        model_k = _stack_policy(model, policy, first)
+    def one(policy):
+        model_k = _stack_policy(model, policy, policy[first_state])
         return jax.lax.map(lambda c: ope.tabular_fqe(model_k, gamma, c, 20)[0], counts)
 
-    return jax.lax.map(lambda pf: one(*pf), (policies, first_probs))
+    return jax.lax.map(one, policies)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,38 +329,38 @@ def score_tabular(
     # one tabular model of the logged tuples, shared by every candidate (its policy is replaced per candidate)
     base = ope.make_fqe_data(data, layout, policy_tables[0][state], policy_tables[0][next_state])
     model = ope.make_tabular_model(base, state, next_state, n_states)
-    first_state = state[layout.first_rows]
+    first_state = jnp.asarray(state[layout.first_rows])
     tables = jnp.asarray(policy_tables, jnp.float32)
-    first_probs = tables[:, first_state]  # (K, E, A)
-    values, q_tables = _fqe_points(model, tables, first_probs, float(gamma))
+    values, q_tables = _fqe_points(model, tables, first_state, float(gamma))
     values, q_tables = np.asarray(values), np.asarray(q_tables)  # (K,), (K, S, A)
-    v_tables = (np.asarray(policy_tables) * q_tables).sum(-1)  # (K, S)
+    policy_tables = np.asarray(policy_tables)
+    v_tables = (policy_tables * q_tables).sum(-1)  # (K, S)
 
-    # importance sampling inputs, per candidate, padded to (E, T)
-    target_logged = np.asarray(policy_tables)[:, state, actions]  # (K, N)
-    rho = layout.pad((target_logged / behavior_logged[None]).T.astype(np.float64), 1.0)  # (E, T, K)
-    rho = np.moveaxis(rho, -1, 0)  # (K, E, T)
-    weights = cumulative_weights(rho, clip)
+    # importance sampling, `chunk` candidates at a time: the (K, E, T) weight tables of every candidate at
+    # once would take gigabytes on a large held-out set (280 candidates x 20,000 episodes)
     reward = layout.pad(np.asarray(data.reward, np.float32))
-    q_logged = np.moveaxis(layout.pad(q_tables[:, state, actions].T.astype(np.float32)), -1, 0)
-    v_state = np.moveaxis(layout.pad(v_tables[:, state].T.astype(np.float32)), -1, 0)
     truncated = np.asarray(data.truncated)[layout.last_rows]
-    v_tail = np.where(truncated[None], v_tables[:, next_state[layout.last_rows]], 0.0)  # (K, E)
-    tail = (gamma ** layout.lengths)[None] * v_tail
+    tail_states = next_state[layout.last_rows]
     discounts = gamma ** np.arange(reward.shape[1], dtype=np.float64)
     all_counts = jnp.concatenate([jnp.ones((1, layout.n_episodes), jnp.float32), counts])
-    wis_all, wdr_all = [], []
+    wis_all, wdr_all, raw_final = [], [], []
     for i in range(0, n_cand, chunk):
+        part = slice(i, i + chunk)
+        target_logged = policy_tables[part][:, state, actions]  # (k, N)
+        rho = layout.pad((target_logged / behavior_logged[None]).T.astype(np.float64), 1.0)  # (E, T, k)
+        rho = np.moveaxis(rho, -1, 0)  # (k, E, T)
+        q_logged = np.moveaxis(layout.pad(q_tables[part][:, state, actions].T.astype(np.float32)), -1, 0)
+        v_state = np.moveaxis(layout.pad(v_tables[part][:, state].T.astype(np.float32)), -1, 0)
+        tail = (gamma ** layout.lengths)[None] * np.where(truncated[None], v_tables[part][:, tail_states], 0.0)
         w, d = batched_wis_wdr(
-            jnp.asarray(weights[i:i + chunk], jnp.float32), jnp.asarray(reward), jnp.asarray(q_logged[i:i + chunk]),
-            jnp.asarray(v_state[i:i + chunk]), jnp.asarray(tail[i:i + chunk], jnp.float32),
-            jnp.asarray(discounts, jnp.float32), all_counts,
+            jnp.asarray(cumulative_weights(rho, clip), jnp.float32), jnp.asarray(reward), jnp.asarray(q_logged),
+            jnp.asarray(v_state), jnp.asarray(tail, jnp.float32), jnp.asarray(discounts, jnp.float32), all_counts,
         )  # fmt: skip
         wis_all.append(np.asarray(w))
         wdr_all.append(np.asarray(d))
-    wis_all, wdr_all = np.concatenate(wis_all), np.concatenate(wdr_all)
+        raw_final.append(np.exp(np.log(rho).sum(-1)))  # (k, E) episode weights before clipping
+    wis_all, wdr_all, raw_final = np.concatenate(wis_all), np.concatenate(wdr_all), np.concatenate(raw_final)
 
-    raw_final = np.exp(np.log(rho).sum(-1))  # (K, E) episode weights before clipping
     used = raw_final if clip is None else np.minimum(raw_final, clip)
     scaled = used / np.maximum(used.max(-1, keepdims=True), 1e-300)
     ess = scaled.sum(-1) ** 2 / np.maximum((scaled**2).sum(-1), 1e-300)
@@ -376,8 +377,7 @@ def score_tabular(
     lows["fqe"], highs["fqe"] = np.full(n_cand, np.nan), np.full(n_cand, np.nan)
     if len(chosen) and fqe_boot > 0:
         refits = np.concatenate([
-            np.asarray(_fqe_refits(model, tables[chosen[i:i + chunk]], first_probs[chosen[i:i + chunk]],
-                                   float(gamma), counts[:fqe_boot]))
+            np.asarray(_fqe_refits(model, tables[chosen[i:i + chunk]], first_state, float(gamma), counts[:fqe_boot]))
             for i in range(0, len(chosen), chunk)
         ])  # fmt: skip
         lows["fqe"][chosen], highs["fqe"][chosen] = _intervals(refits)
