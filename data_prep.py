@@ -2,6 +2,7 @@
 
     python data_prep.py icu-sepsis --episodes 10000 --seed 0 --out data/icu_sepsis.parquet
     python data_prep.py sepsis-sim --episodes 10000 --seed 0 --out data/sepsis_sim.parquet
+    python data_prep.py vancomycin --mimic-dir ../shared/data/mimic-iv-demo-2.2 --out data/vancomycin_mimic
     python data_prep.py mdp --replay data/mimic/replay.parquet --states 100 --threshold 5 --out data/mdp
     python data_prep.py export-minari data/icu_sepsis.parquet --out data/minari
 
@@ -31,6 +32,8 @@ from cleansepsis.mimic.pipeline import MimicArgs
 from cleansepsis.mimic.pipeline import run as build_mimic
 from cleansepsis.mimic.synth import SynthArgs
 from cleansepsis.mimic.synth import generate as build_synth
+from cleansepsis.mimic.vancomycin import VancomycinArgs
+from cleansepsis.mimic.vancomycin import run as build_vancomycin_mimic
 from cleansepsis.minari_export import ExportMinariArgs, export_minari
 from cleansepsis.replay import ReplayError
 
@@ -41,11 +44,13 @@ SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "synth": (SynthArgs, build_synth),
     "sepsis-sim": (SepsisSimArgs, build_sepsis_sim),
     "mdp": (CohortMdpArgs, build_cohort_mdp),
+    "vancomycin": (VancomycinArgs, build_vancomycin_mimic),
     "export-minari": (ExportMinariArgs, export_minari),
 }
 
 # what each subcommand's --out names; a subcommand missing here gets the checks that hold for both
-OUTPUT_KINDS = {"icu-sepsis": "file", "mimic": "dir", "synth": "dir", "sepsis-sim": "file", "mdp": "dir"}
+OUTPUT_KINDS = {"icu-sepsis": "file", "mimic": "dir", "synth": "dir", "sepsis-sim": "file", "mdp": "dir",
+                "vancomycin": "dir"}
 # --out names a folder of several outputs; the builder checks its own target in it before the work
 OUTPUT_ROOTS = {"export-minari"}
 

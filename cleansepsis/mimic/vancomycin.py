@@ -502,7 +502,8 @@ def aki_events(creatinine: pl.DataFrame) -> pl.DataFrame:
         pl.col("value").min().alias("low7d")
     )
     flagged = (
-        rows.with_columns(low48.get_column("low48"), low7d.get_column("low7d"))
+        rows.join(low48, on=["stay_id", "t"], how="left", maintain_order="left")
+        .join(low7d, on=["stay_id", "t"], how="left", maintain_order="left")
         .with_columns(
             ((pl.col("value") >= pl.col("low48") + 0.3) | (pl.col("value") >= 1.5 * pl.col("low7d")))
             .fill_null(False)
