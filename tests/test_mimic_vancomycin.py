@@ -136,12 +136,18 @@ def test_splits_are_by_patient_and_every_episode_ends_once(synth_out):
 
 
 def test_same_inputs_give_the_same_bytes(synth_dir, tmp_path):
+    """Twice into one folder (the second with --overwrite) and once elsewhere: the same files, byte for byte."""
+
+    def digests(out: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
+
     out = tmp_path / "replay"
     assert main(synth_dir, out) == 0
-    first = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+    first = digests(out)
     assert main(synth_dir, out, "--overwrite") == 0
-    second = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
-    assert first == second and "replay.parquet" in first
+    assert main(synth_dir, tmp_path / "elsewhere") == 0
+    assert first == digests(out) == digests(tmp_path / "elsewhere")
+    assert set(first) == {"replay.parquet", "cohort.parquet", "report.json"}
 
 
 def test_report_counts_the_cohort(synth_out):

@@ -837,7 +837,12 @@ def run(args: VancomycinArgs) -> dict:
             ),
             "not_observed": "AUC24 (the simulator's target) is not measured; steps without a level score 0",
         },
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
+        # the inputs that shape the rows; where it was written and how verbosely do not (same inputs, same bytes)
+        "args": {
+            k: str(v) if isinstance(v, Path) else v
+            for k, v in asdict(args).items()
+            if k not in ("out", "overwrite", "quiet")
+        },
         "step_hours": int(args.step_hours),
         "cohort_counts": built.counts,
         "cohort_steps": list(built.counts),
