@@ -83,7 +83,8 @@ def test_replay_is_continuous_mg_with_the_simulators_observation(synth_out):
     assert meta["n_actions"] == 0 and meta["action_encoding"] == "continuous"
     assert meta["source"] == "mimic-iv" and meta["env_id"] is None
     assert meta["feature_names"] == [name for name, _ in sim.OBS_FEATURES]
-    assert meta["feature_units"] == dict(sim.OBS_FEATURES)
+    assert meta["feature_units"] == [unit for _, unit in sim.OBS_FEATURES]
+    assert replay.is_continuous and replay.action_space["unit"] == "mg"
     frame = pl.read_parquet(synth_out / "replay.parquet")
     assert frame.schema["action"] == pl.Float32
     action = frame.get_column("action").to_numpy()

@@ -818,8 +818,8 @@ def run(args: VancomycinArgs) -> dict:
         "action_space": {"kind": "continuous", "name": "vancomycin_dose", "unit": "mg", "low": 0.0,
                          "high": float(sim.DOSE_MAX_MG)},
         "feature_names": names,
-        "feature_units": dict(sim.OBS_FEATURES),
-        "normalisation": {n: {"kind": "none", "mean": 0.0, "std": 1.0} for n in names},
+        "feature_units": [unit for _, unit in sim.OBS_FEATURES],  # as the simulator replay
+        "normalisation": "none: physical units (cleansepsis.vancomycin.OBS_FEATURES)",
         "fill_values": {
             **built.fill,
             "rule": "creatinine and weight unknown before a decision: the train split's median of the known "
