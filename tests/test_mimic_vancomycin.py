@@ -18,7 +18,7 @@ import pytest
 import data_prep
 from cleansepsis import vancomycin as sim
 from cleansepsis.mimic import vancomycin as vm
-from cleansepsis.mimic.vancomycin_synth import VancomycinSynthArgs, generate
+from cleansepsis.mimic.vancomycin_synth import VancomycinSynthArgs, generate, make_tables
 from cleansepsis.replay import load_replay
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -30,7 +30,7 @@ STEP_H = 12
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vanco") / "mimic"
-    generate(VancomycinSynthArgs(out=out, stays=40, seed=0))
+    assert data_prep.main(["vancomycin-synth", "--stays", "40", "--seed", "0", "--out", str(out)]) == 0
     return out
 
 
@@ -149,6 +149,18 @@ def test_same_inputs_give_the_same_bytes(synth_dir, tmp_path):
     assert main(synth_dir, tmp_path / "elsewhere") == 0
     assert first == digests(out) == digests(tmp_path / "elsewhere")
     assert set(first) == {"replay.parquet", "cohort.parquet", "report.json"}
+
+
+def test_synthetic_tables_are_deterministic_and_checked(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate(VancomycinSynthArgs(out=a, stays=5, seed=3))
+    generate(VancomycinSynthArgs(out=b, stays=5, seed=3))
+    files = sorted(p.relative_to(a) for p in a.rglob("*.csv.gz"))
+    assert len(files) == len(vm.SCHEMAS)
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert not make_tables(5, seed=3)["hosp/labevents"].equals(make_tables(5, seed=4)["hosp/labevents"])
+    with pytest.raises(ValueError, match="--stays 0"):
+        make_tables(0)
 
 
 def test_report_counts_the_cohort(synth_out):
