@@ -122,6 +122,18 @@ def test_observation_counts_doses_and_levels_as_the_simulator_does(synth_out):
     assert (col["last_level"][no_level] == 0).all() and (~no_level).any() and no_level.any()
     crcl = np.asarray(sim.cockcroft_gault(col["age"], col["weight"], col["female"], col["creatinine"]))
     np.testing.assert_allclose(col["crcl_cockcroft_gault"], crcl, rtol=1e-6)
+    # dialysis, once seen, stays on for the stay; some synthetic patients are on it
+    assert (col["dialysis"][1:][same] >= col["dialysis"][:-1][same]).all() and col["dialysis"].any()
+
+
+def test_steps_go_on_without_a_dose_for_at_most_a_day_after_the_last(synth_out):
+    frame = pl.read_parquet(synth_out / "replay.parquet")
+    per_episode = frame.group_by("episode_id").agg(
+        pl.col("t").max().alias("last_t"),
+        pl.col("t").filter(pl.col("doses_in_step") > 0).max().alias("last_dose_t"),
+    )
+    trailing = (per_episode.get_column("last_t") - per_episode.get_column("last_dose_t")).to_numpy()
+    assert trailing.min() >= 0 and trailing.max() <= 24 // STEP_H and (trailing > 0).any()
 
 
 def test_splits_are_by_patient_and_every_episode_ends_once(synth_out):
