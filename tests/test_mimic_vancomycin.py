@@ -436,7 +436,8 @@ def test_demo_cohort(demo_out):
     assert counts["with_iv_vancomycin"] == 58
     assert counts["with_mg_doses"] == 56 == summary["episodes"]
     assert counts["with_level_during_icu_stay"] == 23
-    assert counts["with_level_during_episode"] == 18
+    assert counts["with_level_during_episode"] == 24  # 18 without the dose-free steps after the last dose
+    assert summary["transitions"] == 359
     replay = load_replay(out / "replay.parquet")
     assert replay.meta["n_episodes"] == 56
     frame = pl.read_parquet(out / "replay.parquet")

@@ -587,9 +587,17 @@ def build(args: VancomycinArgs, say=lambda _: None) -> Built:
     admin = admin.join(stays.select("stay_id", "w0"), on="stay_id").with_columns(
         (seconds // step_s).cast(pl.Int32).alias("k")
     )
+    # steps go on (no dose) while w_k < min(last dose + tail_hours, ICU discharge, death): a level drawn after
+    # the last dose scores it, and not dosing is a decision too
+    end = pl.min_horizontal(
+        pl.col("last_dose") + pl.duration(seconds=round(args.tail_hours * 3600)),
+        pl.col("outtime"),
+        pl.col("death_time").fill_null(pl.col("outtime")),
+    )
+    tail_steps = ((end - pl.col("w0")).dt.total_seconds() + step_s - 1) // step_s
     stays = stays.join(
         admin.group_by("stay_id").agg(pl.col("k").max().alias("last_k")), on="stay_id"
-    ).with_columns((pl.col("last_k") + 1).cast(pl.Int32).alias("n_steps"))
+    ).with_columns(pl.max_horizontal(pl.col("last_k") + 1, tail_steps).cast(pl.Int32).alias("n_steps"))
     grid = (
         stays.select("stay_id", "w0", pl.int_ranges(0, pl.col("n_steps") + 1, dtype=pl.Int32).alias("k"))
         .explode("k")
