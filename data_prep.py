@@ -2,6 +2,9 @@
 
     python data_prep.py icu-sepsis --episodes 10000 --seed 0 --out data/icu_sepsis.parquet
     python data_prep.py sepsis-sim --episodes 10000 --seed 0 --out data/sepsis_sim.parquet
+    python data_prep.py vancomycin-sim --episodes 10000 --seed 0 --out data/vanco_sim.parquet
+    python data_prep.py vancomycin --mimic-dir ../shared/data/mimic-iv-demo-2.2 --out data/vancomycin_mimic
+    python data_prep.py vancomycin-synth --stays 200 --out data/vancomycin_tables
     python data_prep.py mdp --replay data/mimic/replay.parquet --states 100 --threshold 5 --out data/mdp
     python data_prep.py export-minari data/icu_sepsis.parquet --out data/minari
 
@@ -31,8 +34,13 @@ from cleansepsis.mimic.pipeline import MimicArgs
 from cleansepsis.mimic.pipeline import run as build_mimic
 from cleansepsis.mimic.synth import SynthArgs
 from cleansepsis.mimic.synth import generate as build_synth
+from cleansepsis.mimic.vancomycin import VancomycinArgs
+from cleansepsis.mimic.vancomycin import run as build_vancomycin_mimic
+from cleansepsis.mimic.vancomycin_synth import VancomycinSynthArgs
+from cleansepsis.mimic.vancomycin_synth import generate as build_vancomycin_synth
 from cleansepsis.minari_export import ExportMinariArgs, export_minari
 from cleansepsis.replay import ReplayError
+from cleansepsis.vancomycin_replay import VancomycinSimArgs, build_vancomycin_sim
 
 # name -> (Args dataclass, builder taking an Args instance)
 SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
@@ -40,12 +48,17 @@ SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "mimic": (MimicArgs, build_mimic),
     "synth": (SynthArgs, build_synth),
     "sepsis-sim": (SepsisSimArgs, build_sepsis_sim),
+    "vancomycin-sim": (VancomycinSimArgs, build_vancomycin_sim),
     "mdp": (CohortMdpArgs, build_cohort_mdp),
+    "vancomycin": (VancomycinArgs, build_vancomycin_mimic),
+    "vancomycin-synth": (VancomycinSynthArgs, build_vancomycin_synth),
     "export-minari": (ExportMinariArgs, export_minari),
 }
 
 # what each subcommand's --out names; a subcommand missing here gets the checks that hold for both
-OUTPUT_KINDS = {"icu-sepsis": "file", "mimic": "dir", "synth": "dir", "sepsis-sim": "file", "mdp": "dir"}
+OUTPUT_KINDS = {"icu-sepsis": "file", "mimic": "dir", "synth": "dir", "sepsis-sim": "file", "mdp": "dir",
+                "vancomycin-sim": "file", "vancomycin": "dir",
+                "vancomycin-synth": "dir"}
 # --out names a folder of several outputs; the builder checks its own target in it before the work
 OUTPUT_ROOTS = {"export-minari"}
 

@@ -4,7 +4,8 @@ Columns (required):
     episode_id  int64     one ICU stay (or one simulated episode)
     t           int32     step within the episode, 0-based
     obs         float32[obs_dim]  state before the action
-    action      int32     0..n_actions-1, encoded `5 * fluid_level + vaso_level` (ICU-Sepsis order)
+    action      int32     0..n_actions-1, encoded `5 * fluid_level + vaso_level` (ICU-Sepsis order);
+                float32   for continuous actions: the dose in the metadata's unit, within [low, high]
     reward      float32
     next_obs    float32[obs_dim]
     terminated  bool      the episode ended in a terminal state (death or survival)
@@ -14,11 +15,18 @@ Columns (optional, where known):
     state_index, next_state_index   int32   tabular state (ICU-Sepsis)
     behavior_prob                   float32 probability of the logged action under the logging policy
     action_mask, next_action_mask   bool[n_actions]  admissible actions in obs / next_obs
+    behavior_log_density            float32 continuous actions only: log density of the logged action under the
+                                            logging policy, per unit of the action (e.g. mg^-1)
 Any other column is kept and returned in `Replay.extras` (for example raw doses or MAP on MIMIC-IV).
 
 File metadata: key `cleansepsis` holds JSON with the schema version, obs_dim, n_actions, action encoding,
 feature names, normalisation statistics, source, env id, reward definition, the arguments that made it
 and a content hash of the columns.
+
+The action space (metadata key `action_space`): `{"kind": "continuous", "name": "vancomycin_dose", "unit":
+"mg", "low": 0.0, "high": 3000.0}` for a continuous action (then `n_actions` is 0, `action_encoding` is
+"continuous", and there are no masks), or `{"kind": "discrete", "n": 25, "encoding": "5*fluid+vaso"}`. A file
+without the key is discrete, so every replay written before continuous actions stays valid, hash and all.
 """
 
 from __future__ import annotations
@@ -41,9 +49,18 @@ from cleansepsis.io import atomic_file
 SCHEMA_VERSION = 1
 METADATA_KEY = "cleansepsis"
 ACTION_ENCODING = "5*fluid+vaso"
+CONTINUOUS_ENCODING = "continuous"
+ACTION_KINDS = ("discrete", "continuous")
+# units a continuous action may be given in; a new drug adds its unit here (with a test)
+ACTION_UNITS = ("mg", "g", "mcg", "units", "mL", "mg/kg", "mg/h", "mcg/kg/min", "units/h", "mL/h")
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("episode_id", "t", "obs", "action", "reward", "next_obs", "terminated", "truncated", "split")
-OPTIONAL_COLUMNS = ("state_index", "next_state_index", "behavior_prob", "action_mask", "next_action_mask")
+OPTIONAL_COLUMNS = (
+    "state_index", "next_state_index", "behavior_prob", "action_mask", "next_action_mask", "behavior_log_density"
+)
+# optional columns that mean nothing for one kind of action
+DISCRETE_ONLY_COLUMNS = ("behavior_prob", "action_mask", "next_action_mask")
+CONTINUOUS_ONLY_COLUMNS = ("behavior_log_density",)
 REQUIRED_METADATA = (
     "schema_version",
     "obs_dim",
@@ -64,10 +81,11 @@ class ReplayError(ValueError):
 
 class Transitions(eqx.Module):
     """Device arrays of a replay, one leading axis of transitions. Unknown optional fields are filled
-    (state index -1, behaviour prob NaN, masks all True) and flagged in `Replay.has`."""
+    (state index -1, behaviour prob and log density NaN, masks all True) and flagged in `Replay.has`.
+    For continuous actions `action` is the float32 dose in the replay's unit and the masks are (N, 0)."""
 
     obs: jnp.ndarray  # (N, obs_dim) float32
-    action: jnp.ndarray  # (N,) int32
+    action: jnp.ndarray  # (N,) int32, or float32 for continuous actions
     reward: jnp.ndarray  # (N,) float32
     next_obs: jnp.ndarray  # (N, obs_dim) float32
     terminated: jnp.ndarray  # (N,) bool
@@ -80,6 +98,8 @@ class Transitions(eqx.Module):
     behavior_prob: jnp.ndarray  # (N,) float32
     action_mask: jnp.ndarray  # (N, n_actions) bool
     next_action_mask: jnp.ndarray  # (N, n_actions) bool
+    # (N,) float32, NaN where unknown; None only in Transitions built by hand without it
+    behavior_log_density: jnp.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -109,6 +129,15 @@ class Replay:
     def content_hash(self) -> str:
         return str(self.meta["content_hash"])
 
+    @property
+    def action_space(self) -> dict[str, Any]:
+        """The metadata's action space, with the discrete default for files written without one."""
+        return action_space_of(self.meta)
+
+    @property
+    def is_continuous(self) -> bool:
+        return self.action_space["kind"] == "continuous"
+
     def split(self, name: str) -> Transitions:
         """The transitions of one split ("train", "val" or "test"), as device arrays."""
         if name not in SPLITS:
@@ -125,7 +154,71 @@ class Replay:
 
 def take_rows(data: Transitions, rows: np.ndarray) -> Transitions:
     rows = jnp.asarray(rows)
-    return Transitions(**{f: getattr(data, f)[rows] for f in Transitions.__dataclass_fields__})
+    return jax.tree.map(lambda x: x[rows], data)
+
+
+def action_space_of(meta: dict[str, Any]) -> dict[str, Any]:
+    """A replay metadata's `action_space`; without the key, the discrete space its n_actions and encoding
+    describe (every replay written before continuous actions)."""
+    if "action_space" in meta:
+        return dict(meta["action_space"])
+    return {"kind": "discrete", "n": int(meta.get("n_actions", 0)),
+            "encoding": meta.get("action_encoding", ACTION_ENCODING)}
+
+
+def describe_action_space(space: dict[str, Any]) -> str:
+    """A short description for messages: "continuous actions (vancomycin_dose, mg)"."""
+    if space.get("kind") == "continuous":
+        return f"continuous actions ({space.get('name')}, {space.get('unit')})"
+    return f"discrete actions ({space.get('n')}, {space.get('encoding')})"
+
+
+def check_action_space(meta: dict[str, Any], path: Path | str = "<replay>") -> dict[str, Any]:
+    """The metadata's action space, checked against its n_actions and action_encoding; ReplayError naming
+    the first problem. Returns the space (the discrete default filled in)."""
+    space = meta.get("action_space")
+    if space is None:
+        if meta["action_encoding"] != ACTION_ENCODING:
+            raise _fail(path, f"action encoding {meta['action_encoding']!r}; expected {ACTION_ENCODING!r}")
+        return action_space_of(meta)
+    if not isinstance(space, dict):
+        raise _fail(path, f"metadata action_space is {space!r}; expected an object with a 'kind'")
+    kind = space.get("kind")
+    if kind not in ACTION_KINDS:
+        raise _fail(path, f"metadata action_space kind {kind!r} is unknown; expected one of {ACTION_KINDS}")
+    if kind == "discrete":
+        n = space.get("n")
+        if not _is_count(n) or n != int(meta["n_actions"]):
+            raise _fail(path, f"metadata action_space n is {n!r}, but n_actions is {meta['n_actions']!r}")
+        if space.get("encoding") != meta["action_encoding"] or meta["action_encoding"] != ACTION_ENCODING:
+            raise _fail(
+                path,
+                f"action encoding {meta['action_encoding']!r} (action_space encoding {space.get('encoding')!r}); "
+                f"expected {ACTION_ENCODING!r}",
+            )
+        return dict(space)
+    for key in ("name", "unit", "low", "high"):
+        if key not in space:
+            raise _fail(path, f"metadata action_space (continuous) has no {key!r}; it needs name, unit, low, high")
+    if space["unit"] not in ACTION_UNITS:
+        raise _fail(path, f"metadata action_space unit {space['unit']!r} is unknown; expected one of {ACTION_UNITS}")
+    if not isinstance(space["name"], str) or not space["name"]:
+        raise _fail(path, f"metadata action_space name {space['name']!r} is not a non-empty string")
+    low, high = space["low"], space["high"]
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x) for x in (low, high))
+    if not numbers or not 0 <= low < high:
+        raise _fail(path, f"metadata action_space bounds [{low!r}, {high!r}]; expected finite 0 <= low < high")
+    if int(meta["n_actions"]) != 0 or meta["action_encoding"] != CONTINUOUS_ENCODING:
+        raise _fail(
+            path,
+            f"continuous actions need n_actions 0 and action_encoding {CONTINUOUS_ENCODING!r}, got "
+            f"{meta['n_actions']!r} and {meta['action_encoding']!r}",
+        )
+    return dict(space)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _hashable_dtype(dtype: pl.DataType) -> bool:
@@ -196,6 +289,9 @@ def validate_frame(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str =
 
 def check_format(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str = "<replay>") -> None:
     """The metadata keys, column names and types, nulls, value ranges and splits (not the episodes)."""
+    kind = meta.get("action_space", {}).get("kind") if isinstance(meta.get("action_space"), dict) else "discrete"
+    if kind not in ACTION_KINDS:  # first: an unknown kind explains any missing n_actions
+        raise _fail(path, f"metadata action_space kind {kind!r} is unknown; expected one of {ACTION_KINDS}")
     for key in REQUIRED_METADATA:
         if key not in meta:
             raise _fail(path, f"metadata key {key!r} is missing")
@@ -207,22 +303,32 @@ def check_format(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str = "
     obs_dim, n_actions = int(meta["obs_dim"]), int(meta["n_actions"])
     if len(meta["feature_names"]) != obs_dim:
         raise _fail(path, f"metadata lists {len(meta['feature_names'])} feature names for obs_dim {obs_dim}")
-    if meta["action_encoding"] != ACTION_ENCODING:
-        raise _fail(path, f"action encoding {meta['action_encoding']!r}; expected {ACTION_ENCODING!r}")
+    space = check_action_space(meta, path)
+    continuous = space["kind"] == "continuous"
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise _fail(path, f"missing column(s) {missing}; a replay needs {list(REQUIRED_COLUMNS)}")
     if frame.height == 0:
         raise _fail(path, "has no rows")
+    for name in DISCRETE_ONLY_COLUMNS if continuous else CONTINUOUS_ONLY_COLUMNS:
+        if name in frame.columns:
+            raise _fail(
+                path,
+                f"column {name!r} is for {'discrete' if continuous else 'continuous'} actions, and this replay "
+                f"has {describe_action_space(space)}",
+            )
 
-    integer_columns = {"episode_id": pl.Int64, "t": pl.Int32, "action": pl.Int32}
+    integer_columns = {"episode_id": pl.Int64, "t": pl.Int32}
+    if not continuous:
+        integer_columns["action"] = pl.Int32
     for name in ("state_index", "next_state_index"):
         if name in frame.columns:
             integer_columns[name] = pl.Int32
     for name, want in integer_columns.items():
         if frame.schema[name] != want:
             raise _fail(path, f"column {name!r} has type {frame.schema[name]}; expected {want}")
-    float_columns = ["reward"] + (["behavior_prob"] if "behavior_prob" in frame.columns else [])
+    float_columns = ["reward"] + [c for c in ("behavior_prob", "behavior_log_density") if c in frame.columns]
+    float_columns += ["action"] if continuous else []
     for name in float_columns:
         if frame.schema[name] != pl.Float32:
             raise _fail(path, f"column {name!r} has type {frame.schema[name]}; expected Float32")
@@ -247,23 +353,30 @@ def check_format(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str = "
         if nulls:
             raise _fail(path, f"column {name!r} has {nulls} null value(s)")
 
-    actions = frame.get_column("action")
-    bad = frame.filter((actions < 0) | (actions >= n_actions))
-    if bad.height:
-        row = bad.row(0, named=True)
-        raise _fail(
-            path,
-            f"column 'action' has value {row['action']} (episode {row['episode_id']}, t {row['t']}) "
-            f"outside 0..{n_actions - 1}",
-        )
-    for name in ("obs", "next_obs", "reward", "behavior_prob"):
+    if continuous:
+        _check_continuous_actions(frame, space, path)
+    else:
+        actions = frame.get_column("action")
+        bad = frame.filter((actions < 0) | (actions >= n_actions))
+        if bad.height:
+            row = bad.row(0, named=True)
+            raise _fail(
+                path,
+                f"column 'action' has value {row['action']} (episode {row['episode_id']}, t {row['t']}) "
+                f"outside 0..{n_actions - 1}",
+            )
+    for name in ("obs", "next_obs", "reward", "behavior_prob", "behavior_log_density"):
         if name not in frame.columns:
             continue
         values = frame.get_column(name)
         flat = values.arr.explode() if isinstance(values.dtype, pl.Array) else values
         non_finite = int((~flat.is_finite()).sum())
         if non_finite:
-            raise _fail(path, f"column {name!r} has {non_finite} non-finite value(s) (NaN or inf)")
+            where = ""
+            if not isinstance(values.dtype, pl.Array):
+                row = frame.filter(~values.is_finite()).row(0, named=True)
+                where = f"; the first at episode {row['episode_id']}, t {row['t']}: {row[name]}"
+            raise _fail(path, f"column {name!r} has {non_finite} non-finite value(s) (NaN or inf){where}")
     if "behavior_prob" in frame.columns:
         prob = frame.get_column("behavior_prob")
         if bool(((prob <= 0) | (prob > 1)).any()):
@@ -271,6 +384,27 @@ def check_format(frame: pl.DataFrame, meta: dict[str, Any], path: Path | str = "
     splits = set(frame.get_column("split").cast(pl.String).unique().to_list())
     if not splits <= set(SPLITS):
         raise _fail(path, f"column 'split' has value(s) {sorted(splits - set(SPLITS))}; expected {SPLITS}")
+
+
+def _check_continuous_actions(frame: pl.DataFrame, space: dict[str, Any], path: Path | str) -> None:
+    """Continuous actions are finite, not negative, and within the metadata's [low, high]; the error names
+    the first bad row (in file order) and its value."""
+    action = frame.get_column("action")
+    unit, low, high = space["unit"], float(space["low"]), float(space["high"])
+    checks = (
+        (~action.is_finite(), "is not finite"),
+        (action < 0, f"is negative; a dose in {unit} is at least 0"),
+        ((action < low) | (action > high), f"is outside the metadata bounds [{low:g}, {high:g}] {unit}"),
+    )
+    for flags, why in checks:
+        bad = frame.filter(flags)
+        if bad.height:
+            row = bad.row(0, named=True)
+            raise _fail(
+                path,
+                f"column 'action' value {row['action']} (episode {row['episode_id']}, t {row['t']}) {why} "
+                f"({bad.height} such row(s))",
+            )
 
 
 def _numpy(frame: pl.DataFrame, name: str) -> np.ndarray:
@@ -443,7 +577,10 @@ def write_replay(
 ) -> dict[str, Any]:
     """Validate and write a replay atomically. Returns the metadata as written (with the content hash)."""
     path = Path(path)
-    meta = {"schema_version": SCHEMA_VERSION, "action_encoding": ACTION_ENCODING, **meta}
+    continuous = isinstance(meta.get("action_space"), dict) and meta["action_space"].get("kind") == "continuous"
+    defaults = {"n_actions": 0, "action_encoding": CONTINUOUS_ENCODING} if continuous else {
+        "action_encoding": ACTION_ENCODING}
+    meta = {"schema_version": SCHEMA_VERSION, **defaults, **meta}
     frame = validate_frame(frame, meta, path)  # rows in (episode_id, t) order
     meta["n_transitions"] = frame.height
     meta["n_episodes"] = int(frame.get_column("episode_id").n_unique())
@@ -489,7 +626,10 @@ def load_replay(path: str | os.PathLike, verify_hash: bool = True) -> Replay:
 
 def frame_to_replay(frame: pl.DataFrame, meta: dict[str, Any], path: Path) -> Replay:
     n, n_actions = frame.height, int(meta["n_actions"])
-    has = {name: name in frame.columns for name in OPTIONAL_COLUMNS}
+    continuous = action_space_of(meta)["kind"] == "continuous"
+    # discrete replays keep the keys they always had; continuous ones also say they have no masks
+    optional = OPTIONAL_COLUMNS if continuous else [c for c in OPTIONAL_COLUMNS if c not in CONTINUOUS_ONLY_COLUMNS]
+    has = {name: name in frame.columns for name in optional}
     episode_ids, episode_index = np.unique(frame.get_column("episode_id").to_numpy(), return_inverse=True)
 
     def column(name: str, fill: Any, dtype) -> np.ndarray:
@@ -508,7 +648,7 @@ def frame_to_replay(frame: pl.DataFrame, meta: dict[str, Any], path: Path) -> Re
         split_codes[split_names == name] = code
     data = Transitions(
         obs=jnp.asarray(frame.get_column("obs").to_numpy(), jnp.float32),
-        action=jnp.asarray(frame.get_column("action").to_numpy(), jnp.int32),
+        action=jnp.asarray(frame.get_column("action").to_numpy(), jnp.float32 if continuous else jnp.int32),
         reward=jnp.asarray(frame.get_column("reward").to_numpy(), jnp.float32),
         next_obs=jnp.asarray(frame.get_column("next_obs").to_numpy(), jnp.float32),
         terminated=jnp.asarray(frame.get_column("terminated").to_numpy(), bool),
@@ -521,6 +661,7 @@ def frame_to_replay(frame: pl.DataFrame, meta: dict[str, Any], path: Path) -> Re
         behavior_prob=jnp.asarray(column("behavior_prob", np.nan, np.float32)),
         action_mask=jnp.asarray(mask("action_mask")),
         next_action_mask=jnp.asarray(mask("next_action_mask")),
+        behavior_log_density=jnp.asarray(column("behavior_log_density", np.nan, np.float32)),
     )
     known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
     extras = {c: frame.get_column(c).to_numpy() for c in frame.columns if c not in known}

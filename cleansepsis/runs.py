@@ -41,7 +41,16 @@ import numpy as np
 
 from cleansepsis import interrupts, sweep
 from cleansepsis.io import OutputExistsError
-from cleansepsis.replay import SPLITS, Replay, ReplayError, Transitions, load_replay
+from cleansepsis.replay import (
+    SPLITS,
+    Replay,
+    ReplayError,
+    Transitions,
+    action_space_of,
+    describe_action_space,
+    load_replay,
+    read_metadata,
+)
 from cleansepsis.run_folder import (  # noqa: F401  (re-exported: the learners use runs.X)
     POLICY_METRICS,
     RunFolderError,
@@ -250,18 +259,39 @@ def enable_compilation_cache() -> Path | None:
 # Data
 
 
-def load_training_data(replay_path: str | Path | None, split: str = "train") -> tuple[Replay, Transitions, Any]:
+DISCRETE_LEARNERS = "iql.py, cql.py, dqn.py or bc.py"
+CONTINUOUS_LEARNER = "iql_continuous.py"
+
+
+def check_action_kind(replay_path: str | Path, continuous: bool) -> None:
+    """Refuse, from the metadata alone (before the rows are read or anything compiled), a replay whose
+    actions are not the kind the learner handles: one RunError naming the file and the learner to use."""
+    meta = read_metadata(replay_path)
+    space = action_space_of(meta)
+    if (space.get("kind") == "continuous") != continuous:
+        use = CONTINUOUS_LEARNER if space.get("kind") == "continuous" else DISCRETE_LEARNERS
+        raise RunError(f"{replay_path} has {describe_action_space(space)}; use {use}")
+
+
+def load_training_data(
+    replay_path: str | Path | None, split: str = "train", continuous: bool = False
+) -> tuple[Replay, Transitions, Any]:
     """(replay, the transitions of `split`, env params or None).
 
     With no path, the built-in ICU-Sepsis clinician replay (10,000 episodes, seed 0), built on first use.
     Env params are loaded when the replay comes from an MDP whose dynamics are known (ICU-Sepsis, the
-    sepsis simulator, a cohort MDP), so that policies are evaluated exactly."""
+    sepsis simulator, a cohort MDP), so that policies are evaluated exactly. `continuous`: the learner
+    takes continuous actions; a replay of the other kind is refused before its rows are read. Continuous
+    replays get no env params here (the vancomycin simulator is evaluated by simulation, not exactly)."""
     if replay_path is None:
         from cleansepsis.icu_replay import default_replay_path
 
         replay_path = default_replay_path()
+    check_action_kind(replay_path, continuous)
     replay = load_replay(replay_path)
     data = replay.split(split)
+    if continuous:
+        return replay, data, None
     from cleansepsis import mdp
 
     env_params = mdp.params_for_replay(replay.meta)  # None where the dynamics are unknown (MIMIC-IV)
