@@ -396,6 +396,10 @@ def main() -> None:
     softened = {name: np.asarray(ope.soften(t, args.epsilon), np.float64) for name, t in targets.items()}
     exact = {name: exact_value(soft, ex) for name, soft in softened.items()}
     limits = {name: infinite_data_limits(soft, ex) for name, soft in softened.items()}
+    print("| target | exact | obs720 bias with infinite data: WIS | PDWIS | FQE | E_b[w] |", file=sys.stderr)
+    for name, lim in limits.items():
+        print(f"| {name} | {exact[name]:.4f} | {lim['wis'] - exact[name]:+.4f} | {lim['pdwis'] - exact[name]:+.4f} "
+              f"| {lim['fqe'] - exact[name]:+.4f} | {lim['sum_weights']:.3f} |", file=sys.stderr, flush=True)  # fmt: skip
     params = S.load_params(args.version, "obs720")
     policy = np.asarray(ex.physician, np.float32)
     results, observed = [], []
@@ -408,13 +412,19 @@ def main() -> None:
         print(
             f"dataset {d + 1}/{args.datasets}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True
         )
-    table = summary(results, exact, limits, targets)
-    seconds = time.perf_counter() - start_time
-    print(markdown(table, args, seconds, observed))
-    if args.json_out is not None:
-        write_json(args.json_out, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
-                                   "exact": exact, "limits": limits, "summary": table, "per_dataset": results,
-                                   "observed_return": observed, "seconds": seconds})  # fmt: skip
+        # the table so far after every dataset, so that an interrupted run still reports what it measured
+        done = Args(**{**asdict(args), "datasets": d + 1})
+        text = markdown(
+            summary(results, exact, limits, targets), done, time.perf_counter() - start_time, observed
+        )
+        if d + 1 < args.datasets:
+            print(text, file=sys.stderr, flush=True)
+        if args.json_out is not None:
+            write_json(args.json_out, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(done).items()},
+                                       "exact": exact, "limits": limits, "summary": summary(results, exact, limits, targets),
+                                       "per_dataset": results, "observed_return": observed,
+                                       "seconds": time.perf_counter() - start_time})  # fmt: skip
+    print(text)
 
 
 if __name__ == "__main__":
