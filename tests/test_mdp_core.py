@@ -141,14 +141,14 @@ def test_batched_step_draws_transitions_and_resets_from_the_exact_distributions(
 
 def test_one_word_alias_draw_covers_every_slot_and_both_branches_exactly():
     """`_word_slot_uniform` over all 2^32 words, counted exactly by bisection on its monotone quotient:
-    each slot gets 1/width of the words (to 1e-9) and the share of a slot's words below a threshold
+    each slot gets 1/width of the words (to width / 2^32 relative) and the share of a slot's words below a threshold
     is the threshold (to 2^-23), for the widths of the three MDPs' tables."""
     for width in (3, 54, 74, 213, 712):
         slots = np.arange(width, dtype=np.uint64)
         # words of slot k: k + width * q for q = 0..q_max(k)
         q_max = (np.uint64(2**32 - 1) - slots) // np.uint64(width)
         words_of_slot = q_max.astype(np.float64) + 1
-        np.testing.assert_allclose(words_of_slot / 2**32, 1.0 / width, rtol=1e-8)
+        np.testing.assert_allclose(words_of_slot / 2**32, 1.0 / width, rtol=width * 2.0**-32)
         draw = jax.jit(lambda w, width=width: mdp._word_slot_uniform(w, width))
         for threshold in (0.0, 1e-6, 0.1, 0.5, 0.7, 0.999, 1.0):
             lo, hi = np.zeros(width, np.int64), q_max.astype(np.int64) + 1  # first q with uniform >= t
