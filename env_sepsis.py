@@ -59,6 +59,7 @@ from cleansepsis.env import (  # re-exported API
     step_autoreset_batch,
     value_iteration,
 )
+from cleansepsis.mdp import batch_words
 
 __all__ = [
     "ABSORBING",
@@ -202,7 +203,8 @@ def _jax_rollout(key, state: EnvState, params: EnvParams, n_steps: int, batched:
         state, reward_sum, obs_sum = carry
         action_key, step_key = jax.random.split(step_key)
         batch = state.state_index.shape[0]
-        actions = jax.random.randint(action_key, (batch,), 0, params.n_actions)
+        # uniform actions from one word each (n_actions divides 2^32 or its bias is below 1e-8)
+        actions = (batch_words(action_key, (batch,)) % jnp.uint32(params.n_actions)).astype(jnp.int32)
         if batched:
             obs, state, reward, *_ = step_autoreset_batch(step_key, state, actions, params)
         else:

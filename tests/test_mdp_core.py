@@ -98,3 +98,70 @@ def test_gymnasium_check_env_and_make(name, all_params, cohort_dir):
         obs, _, terminated, truncated, info = env.step(info["admissible_actions"][0])
         done, steps = terminated or truncated, steps + 1
     assert steps <= int(params.max_steps)
+
+
+def _pooled_chisquare_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Chi-square p-value of counts against probabilities, cells expecting fewer than 5 pooled."""
+    chisquare = pytest.importorskip("scipy.stats").chisquare
+    assert counts[probs == 0].sum() == 0  # never a zero-probability outcome
+    expected = probs * counts.sum()
+    keep = expected >= 5
+    observed = np.append(counts[keep], counts[~keep].sum())
+    wanted = np.append(expected[keep], expected[~keep].sum())
+    ok = wanted > 0
+    return float(chisquare(observed[ok], wanted[ok] * observed[ok].sum() / wanted[ok].sum()).pvalue)
+
+
+@pytest.mark.parametrize("name", MDPS)
+def test_batched_step_draws_transitions_and_resets_from_the_exact_distributions(name, all_params):
+    """step_autoreset_batch takes one word per transition and one per reset (batch_words): 20,000 envs
+    in one state, stepped once, against the kernel row; and, at the time limit, their resets against
+    the start distribution."""
+    params = all_params[name]
+    n = 20_000
+    terminal = np.asarray(params.terminal)
+    live = np.flatnonzero(~terminal)
+    s = int(live[len(live) // 2])
+    a = int(np.flatnonzero(np.asarray(params.admissible_mask)[s])[-1])
+    step = jax.jit(mdp.step_autoreset_batch)
+    actions = np.full(n, a, np.int32)
+    fresh = mdp.EnvState(state_index=np.full(n, s, np.int32), time=np.zeros(n, np.int32))
+    _, _, _, _, _, info = step(jax.random.key(5), fresh, actions, params)
+    counts = np.bincount(np.asarray(info["next_state_index"]), minlength=params.n_states)
+    assert _pooled_chisquare_pvalue(counts, np.asarray(params.tx, np.float64)[s, a]) > 1e-4
+    last = mdp.EnvState(
+        state_index=np.full(n, s, np.int32), time=np.full(n, int(params.max_steps) - 1, np.int32)
+    )
+    _, new_state, _, terminated, truncated, _ = step(jax.random.key(6), last, actions, params)
+    assert bool(np.all(np.asarray(terminated) | np.asarray(truncated)))
+    assert np.all(np.asarray(new_state.time) == 0)
+    counts = np.bincount(np.asarray(new_state.state_index), minlength=params.n_states)
+    assert _pooled_chisquare_pvalue(counts, np.asarray(params.start_dist, np.float64)) > 1e-4
+    again = step(jax.random.key(6), last, actions, params)[1].state_index
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(new_state.state_index))
+
+
+def test_one_word_alias_draw_covers_every_slot_and_both_branches_exactly():
+    """`_word_slot_uniform` over all 2^32 words, counted exactly by bisection on its monotone quotient:
+    each slot gets 1/width of the words (to width / 2^32 relative) and the share of a slot's words below a
+    threshold is the threshold (to 2^-23 or width / 2^32), for the widths of the three MDPs' tables."""
+    for width in (3, 54, 74, 213, 712):
+        slots = np.arange(width, dtype=np.uint64)
+        # words of slot k: k + width * q for q = 0..q_max(k)
+        q_max = (np.uint64(2**32 - 1) - slots) // np.uint64(width)
+        words_of_slot = q_max.astype(np.float64) + 1
+        np.testing.assert_allclose(words_of_slot / 2**32, 1.0 / width, rtol=width * 2.0**-32)
+        draw = jax.jit(lambda w, width=width: mdp._word_slot_uniform(w, width))
+        for threshold in (0.0, 1e-6, 0.1, 0.5, 0.7, 0.999, 1.0):
+            lo, hi = np.zeros(width, np.int64), q_max.astype(np.int64) + 1  # first q with uniform >= t
+            for _ in range(34):
+                mid = (lo + hi) // 2
+                word = (slots.astype(np.int64) + width * np.minimum(mid, q_max.astype(np.int64))).astype(
+                    np.uint32
+                )
+                got_slot, uniform = (np.asarray(x) for x in draw(word))
+                assert np.array_equal(got_slot, slots.astype(np.int32))
+                below = (uniform < np.float32(threshold)) & (mid <= q_max.astype(np.int64))
+                lo, hi = np.where(below, mid + 1, lo), np.where(below, hi, mid)
+            # resolution: the quotient's step width / 2^32, or float32's rounding, whichever is coarser
+            np.testing.assert_allclose(lo / words_of_slot, threshold, atol=max(2.0**-23, width * 2.0**-32))
