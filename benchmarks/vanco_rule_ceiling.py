@@ -78,7 +78,7 @@ def main() -> None:
     result = {"rule": dict(zip(("load_mg_per_kg", "scale", "level_target", "gain"), map(float, best), strict=True)),
               "search_value": float(max(values.max(), local_values.max())),
               "n_candidates": int(len(candidates) + len(local))}
-    for name, policy in (("rule", rule_policy(jnp.asarray(best))), ("clinician", V.clinician_policy),
+    for name, policy in (("rule_value", rule_policy(jnp.asarray(best))), ("clinician", V.clinician_policy),
                          ("oracle", V.oracle_policy)):
         mean, stderr = V.policy_value(final_key, sim, policy, args.final_patients)
         result[name] = {"value": mean, "stderr": stderr, "ci95": [mean - 1.96 * stderr, mean + 1.96 * stderr]}
