@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     runs.use_host_devices(args.num_seeds)  # before JAX's first operation
     runs.enable_compilation_cache()
     replay, data, env_params = runs.load_training_data(args.replay, args.split)
-    data, full_batch, why = runs.choose_batch_mode(data, args.full_batch, args.minibatch)
+    env_id = replay.meta.get("env_id")
+    data, full_batch, why = runs.choose_batch_mode(data, args.full_batch, args.minibatch, env_id)
     args, defaults = runs.resolve_defaults(args, AUTO, full_batch)
     runs.print_plan("iql", args, defaults, why)
     settings, hparams = runs.make_hparam_grid(

@@ -185,13 +185,20 @@ FULL_BATCH_MAX_ROWS = 20_000
 # (ICU-Sepsis: 714 rows for 926,212 transitions, about 450 for 1,100; MIMIC-IV: observations never repeat,
 # so rows are transitions plus episodes, and it trains on minibatches).
 FULL_BATCH_MAX_ROW_SHARE = 0.5
+# ...and the replay comes from an env the full-batch AUTO values were tuned on. On the Oberst-Sontag
+# simulator's physician replay (a near-deterministic logging policy) they gave CQL -0.59 and IQL 0.27,
+# where the minibatch defaults give 0.51 (docs/mdp.md), so other sources keep minibatches unless asked.
+FULL_BATCH_TUNED_ENVS = ("CleanSepsis/ICUSepsis-v0",)
 
 
-def choose_batch_mode(data: Transitions, full_batch: bool, minibatch: bool) -> tuple[Any, bool, str]:
+def choose_batch_mode(
+    data: Transitions, full_batch: bool, minibatch: bool, env_id: str | None
+) -> tuple[Any, bool, str]:
     """(the training data, whether it is the full batch, why) for --full-batch / --minibatch / neither.
 
     With neither flag the replay's distinct observations decide: full batch when they are few (see the two
-    constants above), the data then being `cleansepsis.full_batch.FullBatch`; otherwise minibatches of `Transitions`."""
+    constants above) and the replay's env is one the full-batch defaults were tuned on, the data then being
+    `cleansepsis.full_batch.FullBatch`; otherwise minibatches of `Transitions`."""
     from cleansepsis.full_batch import full_batch as make_full_batch
     from cleansepsis.replay import distinct_transitions
 
@@ -204,6 +211,10 @@ def choose_batch_mode(data: Transitions, full_batch: bool, minibatch: bool) -> t
     few = rows <= FULL_BATCH_MAX_ROWS and rows <= FULL_BATCH_MAX_ROW_SHARE * data.size
     why = (f"{rows} distinct observations in {data.size} transitions: "
            + ("few, so every update uses the whole replay" if few else "too many to repeat, so minibatches"))
+    if few and env_id not in FULL_BATCH_TUNED_ENVS:
+        few = False
+        why += (f"; but the full-batch defaults were tuned on {', '.join(FULL_BATCH_TUNED_ENVS)} only, not on "
+                f"{env_id or 'this replay'}, so minibatches (--full-batch to override)")
     return (make_full_batch(distinct) if few else data), few, why
 
 

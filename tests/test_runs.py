@@ -371,18 +371,23 @@ def test_batch_mode_follows_the_distinct_observations(icu_replay_small, tmp_path
     frame, meta = icu_replay_small
     write_replay(tmp_path / "icu.parquet", frame, meta)
     icu = load_replay(tmp_path / "icu.parquet").split("train")
-    data, full, why = runs.choose_batch_mode(icu, False, False)
+    icu_env = meta["env_id"]
+    data, full, why = runs.choose_batch_mode(icu, False, False, icu_env)
     assert full and isinstance(data, FullBatch) and "few" in why
-    assert runs.choose_batch_mode(icu, False, True)[1] is False  # --minibatch
+    assert runs.choose_batch_mode(icu, False, True, icu_env)[1] is False  # --minibatch
+    # the same few observations from an env the full-batch defaults were not tuned on: minibatches
+    data, full, why = runs.choose_batch_mode(icu, False, False, "CleanSepsis/SepsisSim-v0")
+    assert not full and data is icu and "SepsisSim-v0" in why and "--full-batch" in why
+    assert isinstance(runs.choose_batch_mode(icu, True, False, "CleanSepsis/SepsisSim-v0")[0], FullBatch)
     # observations that never repeat, as on MIMIC-IV: minibatches, unless --full-batch
     rng = np.random.default_rng(0)
     n = 200
     path = write_probe_replay(tmp_path / "mimic_like.parquet", rng.normal(size=(n, 4)), rng.integers(0, 3, n),
                               np.zeros(n), rng.normal(size=(n, 4)), np.ones(n, bool), np.arange(n), n_actions=3)
     unique = load_replay(path).split("train")
-    data, full, why = runs.choose_batch_mode(unique, False, False)
+    data, full, why = runs.choose_batch_mode(unique, False, False, icu_env)
     assert not full and data is unique and "minibatches" in why
-    assert isinstance(runs.choose_batch_mode(unique, True, False)[0], FullBatch)
+    assert isinstance(runs.choose_batch_mode(unique, True, False, None)[0], FullBatch)
 
 
 def test_scan_evaluations_saves_the_carry_of_a_shorter_run():
