@@ -147,7 +147,6 @@ def make_train(args: Args, data: Transitions, held_out: dict[str, Transitions], 
                                                              "greedy": (logits, "greedy")})
                 (ret, length), (greedy_ret, _) = result["stochastic"], result["greedy"]
                 metrics |= {"exact_return": ret, "mean_length": length, "greedy_return": greedy_ret}
-            runs.tick(metrics.get("exact_return"))
             return carry, metrics
 
         (params, _, _), metrics, saved = runs.scan_evaluations(

@@ -255,7 +255,6 @@ def make_train(args: Args, obs_dim: int, n_actions: int):
             if env_params is not None:
                 q = jax.vmap(eqx.combine(state.params, static))(env_params.state_vectors)  # (716, n_actions)
                 metrics["exact_return"], metrics["mean_length"] = runs.exact_evaluation(env_params, q, "greedy")
-            runs.tick(metrics.get("exact_return"))
             return state, metrics
 
         state, metrics, saved = runs.scan_evaluations(

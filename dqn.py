@@ -356,7 +356,6 @@ def make_train(args: Args, obs_dim: int, n_actions: int):
             if env_params is not None:
                 q = q_fn(state.params, env_params.state_vectors)  # (716, n_actions)
                 out["exact_return"], out["mean_length"] = runs.exact_evaluation(env_params, q, "greedy")
-            runs.tick(out.get("exact_return"))
             return state, out
 
         state, metrics, saved = runs.scan_evaluations(

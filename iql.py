@@ -283,7 +283,6 @@ def make_train(args: Args, data: Transitions | FullBatch, env_params: Any):
                 })
                 (ret, length), (q_ret, _) = result["policy"], result["q"]
                 metrics |= {"exact_return": ret, "mean_length": length, "q_greedy_return": q_ret}
-            runs.tick(metrics.get("exact_return"))
             return carry, metrics
 
         (state, _), metrics, saved = runs.scan_evaluations(

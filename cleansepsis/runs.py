@@ -231,8 +231,9 @@ def enable_compilation_cache() -> Path | None:
     """Keep compiled programs in JAX's persistent cache under the project's cache folder
     (`cleansepsis.icu_replay.cache_dir()/jax`), so a second identical run loads its program instead of
     compiling it. `CLEANSEPSIS_COMPILATION_CACHE=PATH` moves it, `=off` turns it off. JAX does not cache a
-    program with host callbacks, so with the cache on the progress bar does not advance per evaluation
-    (see `tick`). Returns the folder, or None when off."""
+    program with host callbacks: the learners' programs have none (run_sweep runs them in chunks and
+    advances the progress bar between them), and with the cache on `tick` adds none to other programs.
+    Returns the folder, or None when off."""
     from cleansepsis.icu_replay import cache_dir
 
     value = os.environ.get(COMPILATION_CACHE_VARIABLE, "").strip()
@@ -365,7 +366,13 @@ def scan_evaluations(
 ) -> tuple[Any, Any, Any]:
     """`jax.lax.scan(evaluate, carry, None, num_evals)` -> (carry, metrics (num_evals, ...), saved), where
     with evals_per_save > 0 `saved` stacks snapshot(carry) after every evals_per_save evaluations except
-    the last (that one is the final policy): (num_evals // evals_per_save - 1, ...). None without saves."""
+    the last (that one is the final policy): (num_evals // evals_per_save - 1, ...). None without saves.
+
+    Inside run_sweep this is where the program is cut into chunks of evaluations (`sweep.run_sweep`), so
+    train must return these metrics and saved policies as they come: `(final, metrics, saved)`."""
+    chunked = sweep.chunked_scan_evaluations(evaluate, carry, num_evals, evals_per_save, snapshot)
+    if chunked is not None:
+        return chunked
     if not evals_per_save or evals_per_save >= num_evals:
         carry, metrics = jax.lax.scan(evaluate, carry, None, length=num_evals)
         return carry, metrics, None
