@@ -15,6 +15,11 @@ them train in one compiled program.
 
 from __future__ import annotations
 
+from cleansepsis import interrupts
+
+if __name__ == "__main__":  # first, so that a Ctrl-C while jax loads also ends in one line and status 130
+    interrupts.install()
+
 from dataclasses import dataclass
 from typing import Any, Literal
 

@@ -16,6 +16,11 @@ exactly on the ICU-Sepsis MDP inside the compiled program. On a replay whose obs
 
 from __future__ import annotations
 
+from cleansepsis import interrupts
+
+if __name__ == "__main__":  # first, so that a Ctrl-C while jax loads also ends in one line and status 130
+    interrupts.install()
+
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -282,8 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     runs.use_host_devices(args.num_seeds)  # before JAX's first operation
     runs.enable_compilation_cache()
     replay, data, env_params = runs.load_training_data(args.replay, args.split)
+    n_transitions = data.size
     data, full_batch, why = runs.choose_batch_mode(data, args.full_batch, args.minibatch)
-    args, defaults = runs.resolve_defaults(args, AUTO, full_batch)
+    args, defaults = runs.resolve_defaults(args, AUTO, full_batch, n_transitions)
     check_args(args)
     runs.print_plan("cql", args, defaults, why)
     settings, hparams = runs.make_hparam_grid(

@@ -16,6 +16,11 @@ network, the TD loss and the update.
 
 from __future__ import annotations
 
+from cleansepsis import interrupts
+
+if __name__ == "__main__":  # first, so that a Ctrl-C while jax loads also ends in one line and status 130
+    interrupts.install()
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal

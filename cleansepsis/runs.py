@@ -27,6 +27,7 @@ are dicts of arrays (n_settings, n_seeds, n_evals); `steps` is (n_evals,), the u
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -198,13 +199,29 @@ def choose_batch_mode(data: Transitions, full_batch: bool, minibatch: bool) -> t
     return (make_full_batch(distinct) if few else data), few, why
 
 
-def resolve_defaults(args: Any, auto: Mapping[str, Mapping[str, Any]], full_batch: bool) -> tuple[Any, dict]:
-    """`args` with the batch mode set and every option left at None or "auto" replaced by the learner's
-    AUTO table entry for that mode; the update count is rounded up to a multiple of --eval-every (and
-    --save-every). Returns (resolved args, {"batch_mode", "chosen": the values filled in}); summary.json
-    records both, so it says what was trained."""
-    import dataclasses
+@dataclasses.dataclass(frozen=True)
+class BySize:
+    """An AUTO table value that depends on how many transitions the training split has: `small` up to
+    `up_to` transitions, `large` above (`resolve_defaults` picks one)."""
 
+    small: Any
+    large: Any
+    up_to: int
+
+    def pick(self, n_transitions: int | None) -> Any:
+        if n_transitions is None:
+            raise RunError("this learner's AUTO table depends on the replay's size; pass n_transitions")
+        return self.small if n_transitions <= self.up_to else self.large
+
+
+def resolve_defaults(
+    args: Any, auto: Mapping[str, Mapping[str, Any]], full_batch: bool, n_transitions: int | None = None
+) -> tuple[Any, dict]:
+    """`args` with the batch mode set and every option left at None or "auto" replaced by the learner's
+    AUTO table entry for that mode (a `BySize` entry by the training split's `n_transitions`); the update
+    count is rounded up to a multiple of --eval-every (and --save-every). Returns (resolved args,
+    {"batch_mode", "chosen": the values filled in}); summary.json records both, so it says what was
+    trained."""
     mode = "full batch" if full_batch else "minibatch"
     changes: dict[str, Any] = {}
     if hasattr(args, "full_batch"):  # learners without a full-batch loss have neither flag
@@ -212,13 +229,14 @@ def resolve_defaults(args: Any, auto: Mapping[str, Mapping[str, Any]], full_batc
     chosen: dict[str, Any] = {}
     for name, value in auto[mode].items():
         if getattr(args, name) is None or getattr(args, name) == "auto":
-            changes[name] = chosen[name] = value
+            changes[name] = chosen[name] = value.pick(n_transitions) if isinstance(value, BySize) else value
     if "num_updates" in chosen:
         step = math.lcm(args.eval_every, args.save_every or args.eval_every)
         changes["num_updates"] = chosen["num_updates"] = -(-chosen["num_updates"] // step) * step
     args = dataclasses.replace(args, **changes)
     check_common_args(args)
-    return args, {"batch_mode": mode, "chosen": chosen}
+    sized = {} if n_transitions is None else {"n_transitions": int(n_transitions)}
+    return args, {"batch_mode": mode, **sized, "chosen": chosen}
 
 
 # --------------------------------------------------------------------------------------------------

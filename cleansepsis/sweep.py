@@ -168,9 +168,9 @@ MAX_CHUNKS = 100
 class _Chunk:
     """What `scan_evaluations` does while run_sweep traces `train` (see `chunked_scan_evaluations`).
 
-    Probing (evals None): scan every evaluation as usual and record the carry's shapes, num_evals and
-    evals_per_save. Chunking: start from `carry_in` unless `first`, scan `evals` evaluations, and record the
-    carry and snapshot(carry) after them, which run_sweep returns from the compiled call."""
+    Probing (evals None): record the carry's shapes, num_evals and evals_per_save, and stop tracing.
+    Chunking: start from `carry_in` unless `first`, scan `evals` evaluations, and record the carry and
+    snapshot(carry) after them, which run_sweep returns from the compiled call."""
 
     def __init__(self, evals: int | None = None, carry_in: Any = None, first: Any = None):
         self.evals, self.carry_in, self.first = evals, carry_in, first
@@ -182,6 +182,10 @@ class _Chunk:
 
 
 _chunking: dict[str, _Chunk | None] = {"active": None}
+
+
+class _Probed(Exception):  # not an error: ends the probe's trace at scan_evaluations
+    pass
 
 
 def chunked_scan_evaluations(
@@ -196,11 +200,10 @@ def chunked_scan_evaluations(
     if chunk is None:
         return None
     saving = bool(evals_per_save) and evals_per_save < num_evals
-    if chunk.evals is None:  # probing
+    if chunk.evals is None:  # probing: what run_sweep needs is known; the rest of train need not be traced
         chunk.num_evals, chunk.evals_per_save = num_evals, evals_per_save if saving else 0
         chunk.carry_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), carry)
-        carry, metrics = jax.lax.scan(evaluate, carry, None, length=num_evals)
-        return carry, metrics, None
+        raise _Probed
     if chunk.carry_in is not None:
         carry = jax.tree.map(lambda start, resume: jnp.where(chunk.first, start, resume), carry, chunk.carry_in)
     carry, metrics = jax.lax.scan(evaluate, carry, None, length=chunk.evals)
@@ -328,13 +331,15 @@ def run_sweep(
 
         return train_all
 
-    # The whole program, traced first: it tells whether train goes through scan_evaluations (and then the
-    # shapes of its carry); if not, it is what runs.
+    # The whole program, traced first: if train goes through scan_evaluations, the trace stops there with
+    # the shapes of its carry; if not, it is what runs.
     t0 = time.perf_counter()
-    probe = _Chunk()
+    probe, traced = _Chunk(), None
     _chunking["active"] = probe
     try:
         traced = jax.jit(named(over_runs(train, 2, len(shared)))).trace(*run_args, *shared)
+    except _Probed:
+        pass
     finally:
         _chunking["active"] = None
     if probe.num_evals is None:
