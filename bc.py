@@ -15,6 +15,11 @@ them train in one compiled program.
 
 from __future__ import annotations
 
+from cleansepsis import interrupts
+
+if __name__ == "__main__":  # first, so that a Ctrl-C while jax loads also ends in one line and status 130
+    interrupts.install()
+
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -147,7 +152,6 @@ def make_train(args: Args, data: Transitions, held_out: dict[str, Transitions], 
                                                              "greedy": (logits, "greedy")})
                 (ret, length), (greedy_ret, _) = result["stochastic"], result["greedy"]
                 metrics |= {"exact_return": ret, "mean_length": length, "greedy_return": greedy_ret}
-            runs.tick(metrics.get("exact_return"))
             return carry, metrics
 
         (params, _, _), metrics, saved = runs.scan_evaluations(

@@ -16,6 +16,11 @@ exactly on the ICU-Sepsis MDP inside the compiled program. On a replay whose obs
 
 from __future__ import annotations
 
+from cleansepsis import interrupts
+
+if __name__ == "__main__":  # first, so that a Ctrl-C while jax loads also ends in one line and status 130
+    interrupts.install()
+
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -255,7 +260,6 @@ def make_train(args: Args, obs_dim: int, n_actions: int):
             if env_params is not None:
                 q = jax.vmap(eqx.combine(state.params, static))(env_params.state_vectors)  # (716, n_actions)
                 metrics["exact_return"], metrics["mean_length"] = runs.exact_evaluation(env_params, q, "greedy")
-            runs.tick(metrics.get("exact_return"))
             return state, metrics
 
         state, metrics, saved = runs.scan_evaluations(
@@ -283,9 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     runs.use_host_devices(args.num_seeds)  # before JAX's first operation
     runs.enable_compilation_cache()
     replay, data, env_params = runs.load_training_data(args.replay, args.split)
-    env_id = replay.meta.get("env_id")
+    n_transitions, env_id = data.size, replay.meta.get("env_id")
     data, full_batch, why = runs.choose_batch_mode(data, args.full_batch, args.minibatch, env_id)
-    args, defaults = runs.resolve_defaults(args, AUTO, full_batch)
+    args, defaults = runs.resolve_defaults(args, AUTO, full_batch, n_transitions)
     check_args(args)
     runs.print_plan("cql", args, defaults, why)
     settings, hparams = runs.make_hparam_grid(

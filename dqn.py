@@ -16,6 +16,11 @@ network, the TD loss and the update.
 
 from __future__ import annotations
 
+from cleansepsis import interrupts
+
+if __name__ == "__main__":  # first, so that a Ctrl-C while jax loads also ends in one line and status 130
+    interrupts.install()
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -356,7 +361,6 @@ def make_train(args: Args, obs_dim: int, n_actions: int):
             if env_params is not None:
                 q = q_fn(state.params, env_params.state_vectors)  # (716, n_actions)
                 out["exact_return"], out["mean_length"] = runs.exact_evaluation(env_params, q, "greedy")
-            runs.tick(out.get("exact_return"))
             return state, out
 
         state, metrics, saved = runs.scan_evaluations(

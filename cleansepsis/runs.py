@@ -27,6 +27,7 @@ are dicts of arrays (n_settings, n_seeds, n_evals); `steps` is (n_evals,), the u
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -218,13 +219,29 @@ def choose_batch_mode(
     return (make_full_batch(distinct) if few else data), few, why
 
 
-def resolve_defaults(args: Any, auto: Mapping[str, Mapping[str, Any]], full_batch: bool) -> tuple[Any, dict]:
-    """`args` with the batch mode set and every option left at None or "auto" replaced by the learner's
-    AUTO table entry for that mode; the update count is rounded up to a multiple of --eval-every (and
-    --save-every). Returns (resolved args, {"batch_mode", "chosen": the values filled in}); summary.json
-    records both, so it says what was trained."""
-    import dataclasses
+@dataclasses.dataclass(frozen=True)
+class BySize:
+    """An AUTO table value that depends on how many transitions the training split has: `small` up to
+    `up_to` transitions, `large` above (`resolve_defaults` picks one)."""
 
+    small: Any
+    large: Any
+    up_to: int
+
+    def pick(self, n_transitions: int | None) -> Any:
+        if n_transitions is None:
+            raise RunError("this learner's AUTO table depends on the replay's size; pass n_transitions")
+        return self.small if n_transitions <= self.up_to else self.large
+
+
+def resolve_defaults(
+    args: Any, auto: Mapping[str, Mapping[str, Any]], full_batch: bool, n_transitions: int | None = None
+) -> tuple[Any, dict]:
+    """`args` with the batch mode set and every option left at None or "auto" replaced by the learner's
+    AUTO table entry for that mode (a `BySize` entry by the training split's `n_transitions`); the update
+    count is rounded up to a multiple of --eval-every (and --save-every). Returns (resolved args,
+    {"batch_mode", "chosen": the values filled in}); summary.json records both, so it says what was
+    trained."""
     mode = "full batch" if full_batch else "minibatch"
     changes: dict[str, Any] = {}
     if hasattr(args, "full_batch"):  # learners without a full-batch loss have neither flag
@@ -232,13 +249,14 @@ def resolve_defaults(args: Any, auto: Mapping[str, Mapping[str, Any]], full_batc
     chosen: dict[str, Any] = {}
     for name, value in auto[mode].items():
         if getattr(args, name) is None or getattr(args, name) == "auto":
-            changes[name] = chosen[name] = value
+            changes[name] = chosen[name] = value.pick(n_transitions) if isinstance(value, BySize) else value
     if "num_updates" in chosen:
         step = math.lcm(args.eval_every, args.save_every or args.eval_every)
         changes["num_updates"] = chosen["num_updates"] = -(-chosen["num_updates"] // step) * step
     args = dataclasses.replace(args, **changes)
     check_common_args(args)
-    return args, {"batch_mode": mode, "chosen": chosen}
+    sized = {} if n_transitions is None else {"n_transitions": int(n_transitions)}
+    return args, {"batch_mode": mode, **sized, "chosen": chosen}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,8 +269,9 @@ def enable_compilation_cache() -> Path | None:
     """Keep compiled programs in JAX's persistent cache under the project's cache folder
     (`cleansepsis.icu_replay.cache_dir()/jax`), so a second identical run loads its program instead of
     compiling it. `CLEANSEPSIS_COMPILATION_CACHE=PATH` moves it, `=off` turns it off. JAX does not cache a
-    program with host callbacks, so with the cache on the progress bar does not advance per evaluation
-    (see `tick`). Returns the folder, or None when off."""
+    program with host callbacks: the learners' programs have none (run_sweep runs them in chunks and
+    advances the progress bar between them), and with the cache on `tick` adds none to other programs.
+    Returns the folder, or None when off."""
     from cleansepsis.icu_replay import cache_dir
 
     value = os.environ.get(COMPILATION_CACHE_VARIABLE, "").strip()
@@ -406,7 +425,13 @@ def scan_evaluations(
 ) -> tuple[Any, Any, Any]:
     """`jax.lax.scan(evaluate, carry, None, num_evals)` -> (carry, metrics (num_evals, ...), saved), where
     with evals_per_save > 0 `saved` stacks snapshot(carry) after every evals_per_save evaluations except
-    the last (that one is the final policy): (num_evals // evals_per_save - 1, ...). None without saves."""
+    the last (that one is the final policy): (num_evals // evals_per_save - 1, ...). None without saves.
+
+    Inside run_sweep this is where the program is cut into chunks of evaluations (`sweep.run_sweep`), so
+    train must return these metrics and saved policies as they come: `(final, metrics, saved)`."""
+    chunked = sweep.chunked_scan_evaluations(evaluate, carry, num_evals, evals_per_save, snapshot)
+    if chunked is not None:
+        return chunked
     if not evals_per_save or evals_per_save >= num_evals:
         carry, metrics = jax.lax.scan(evaluate, carry, None, length=num_evals)
         return carry, metrics, None

@@ -3,8 +3,8 @@
 `use_host_devices` is called first thing by every learner (before JAX's first operation): it splits the
 CPU into one XLA device per core and, when `CLEANSEPSIS_DISTRIBUTED=1`, joins the processes of a
 multi-process or multi-host run (`jax.distributed.initialize`). `run_sweep` then compiles `train` once,
-lays the flat axis of runs over every device of every process (a `jax.sharding.Mesh`), runs it with a
-progress bar (`tick`, called inside train) and gives every process the whole result.
+lays the flat axis of runs over every device of every process (a `jax.sharding.Mesh`), runs it in chunks
+of evaluations with a progress bar advanced between them, and gives every process the whole result.
 
 Results that travel: on CPU each device runs its runs one after another (a `lax.map` of single runs),
 so every run is the same compiled computation whatever the number of devices, processes or seeds, and a
@@ -125,10 +125,13 @@ def device_info() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Progress bar, advanced from inside the compiled program
+# Progress bar
 
-# "ticks": False while the persistent compilation cache is on (runs.enable_compilation_cache): JAX does not
-# cache a program with host callbacks, so tick() then adds none
+# A train that goes through `runs.scan_evaluations` (every learner) runs in chunks of evaluations, one
+# compiled call each, and the bar advances between calls from Python. A train that does not (a toy in a
+# test) runs as one program and advances the bar by `tick`, a host callback inside it. "ticks": False while
+# the persistent compilation cache is on (runs.enable_compilation_cache): JAX does not cache a program with
+# host callbacks, so tick() then adds none.
 _progress: dict[str, Any] = {"bar": None, "ticks": True}
 
 
@@ -142,14 +145,81 @@ def _advance(value: Any = None) -> None:
 
 
 def tick(value: jnp.ndarray | None = None) -> None:
-    """Advance the progress bar by one evaluation; call once per outer-scan step inside train. With a
-    scalar `value` (e.g. the exact return), the bar also shows the latest one."""
-    if not _progress["ticks"]:
-        return
+    """Advance the progress bar by one evaluation from inside a train that runs as one program (one that
+    does not use `runs.scan_evaluations`; those run in chunks and need no tick). With a scalar `value` (e.g.
+    the exact return), the bar also shows the latest one."""
+    chunk = _chunking["active"]
+    if not _progress["ticks"] or (chunk is not None and (chunk.evals or chunk.num_evals)):
+        return  # off, or inside scan_evaluations under run_sweep (chunks advance the bar)
     if value is None:
         jax.debug.callback(_advance)
     else:
         jax.debug.callback(_advance, value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunks of evaluations
+
+# At most this many compiled calls per run (each costs a dispatch and a return to Python, about a
+# millisecond); fewer when the evaluations do not divide finely.
+MAX_CHUNKS = 100
+
+
+class _Chunk:
+    """What `scan_evaluations` does while run_sweep traces `train` (see `chunked_scan_evaluations`).
+
+    Probing (evals None): record the carry's shapes, num_evals and evals_per_save, and stop tracing.
+    Chunking: start from `carry_in` unless `first`, scan `evals` evaluations, and record the carry and
+    snapshot(carry) after them, which run_sweep returns from the compiled call."""
+
+    def __init__(self, evals: int | None = None, carry_in: Any = None, first: Any = None):
+        self.evals, self.carry_in, self.first = evals, carry_in, first
+        self.carry_shapes: Any = None
+        self.num_evals: int | None = None
+        self.evals_per_save = 0
+        self.carry_out: Any = None
+        self.snapshot: Any = None
+
+
+_chunking: dict[str, _Chunk | None] = {"active": None}
+
+
+class _Probed(Exception):  # not an error: ends the probe's trace at scan_evaluations
+    pass
+
+
+def chunked_scan_evaluations(
+    evaluate: Callable[[Any, Any], tuple[Any, Any]],
+    carry: Any,
+    num_evals: int,
+    evals_per_save: int,
+    snapshot: Callable[[Any], Any],
+) -> tuple[Any, Any, Any] | None:
+    """`runs.scan_evaluations` while run_sweep traces train, or None outside run_sweep."""
+    chunk = _chunking["active"]
+    if chunk is None:
+        return None
+    saving = bool(evals_per_save) and evals_per_save < num_evals
+    if chunk.evals is None:  # probing: what run_sweep needs is known; the rest of train need not be traced
+        chunk.num_evals, chunk.evals_per_save = num_evals, evals_per_save if saving else 0
+        chunk.carry_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), carry)
+        raise _Probed
+    if chunk.carry_in is not None:
+        carry = jax.tree.map(lambda start, resume: jnp.where(chunk.first, start, resume), carry, chunk.carry_in)
+    carry, metrics = jax.lax.scan(evaluate, carry, None, length=chunk.evals)
+    chunk.carry_out = carry
+    chunk.snapshot = snapshot(carry) if saving else None
+    return carry, metrics, None
+
+
+def evals_per_chunk(num_evals: int, evals_per_save: int, max_chunks: int = MAX_CHUNKS) -> int:
+    """The fewest evaluations per compiled call that divide num_evals (and evals_per_save, so that every
+    saved policy ends a chunk) in at most max_chunks calls; every call is then the same program."""
+    period = evals_per_save or num_evals
+    for evals in range(1, period + 1):
+        if period % evals == 0 and num_evals // evals <= max_chunks:
+            return evals
+    return period
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,12 +266,18 @@ def run_sweep(
     compile_seconds, train_seconds and train_cpu_seconds (CPU time of this process while training, which
     other jobs on the machine disturb less than wall time).
 
+    Chunks: when train returns `(final, metrics, saved)` as the learners do, its metrics and saved
+    policies straight from `runs.scan_evaluations`, the compiled program runs a chunk of evaluations of every
+    run per call (`evals_per_chunk`) and hands back the scan's carry for the next call. The progress bar
+    advances between calls, so it moves whether or not the persistent compilation cache is on (the program
+    has no host callback), and a Ctrl-C stops the run at the end of the chunk it lands in. The chunks
+    together are the same computation as one scan over every evaluation. Any other train runs as one
+    program, its progress given by `tick`; `n_ticks` is its number of ticks per run.
+
     Why one run at a time on CPU: under vmap, how many runs share a device changes XLA's fused program
     (a wider batch of the same ops), and with it the float rounding; a chaotic training loop turns that into
     other final returns (0.7994 / 0.8028 on 1 device against 0.8016 / 0.8029 on 2 for the same two seeds).
     Without vmap every device runs the same program for each run."""
-    from tqdm.auto import tqdm
-
     n_seeds = len(seeds)
     if n_seeds < 1:
         raise _run_error("run_sweep needs at least one seed")
@@ -229,51 +305,139 @@ def run_sweep(
     mesh = jax.sharding.Mesh(np.asarray(devices), (RUNS_AXIS,))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(RUNS_AXIS))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    args = (_global_array(keys, split), {name: _global_array(x, split) for name, x in flat_hparams.items()})
-    if inputs is not None:
-        args = (*args, jax.tree.map(lambda x: _global_array(x, replicated), inputs))
+    run_args = (_global_array(keys, split), {name: _global_array(x, split) for name, x in flat_hparams.items()})
+    shared = () if inputs is None else (jax.tree.map(lambda x: _global_array(x, replicated), inputs),)
+    spec_runs, spec_all = jax.sharding.PartitionSpec(RUNS_AXIS), jax.sharding.PartitionSpec()
 
-    def on_device(device_keys, device_hparams, *inp):
-        """The runs of one device, (per_device, ...): one at a time, or `width` at a time under vmap."""
-        if width == 1:  # no vmap: each run is the same program whatever the layout
-            return jax.lax.map(lambda one: train(*one, *inp), (device_keys, device_hparams))
-        run = jax.vmap(train, in_axes=(0, 0, *(None,) * len(inp)))
-        groups = jax.tree.map(lambda x: x.reshape(-1, width, *x.shape[1:]), (device_keys, device_hparams))
-        out = jax.lax.map(lambda group: run(*group, *inp), groups)
-        return jax.tree.map(lambda x: x.reshape(per_device, *x.shape[2:]), out)
+    def over_runs(run: Callable[..., Any], n_split: int, n_shared: int) -> Callable[..., Any]:
+        """`run` over the flat axis: its first n_split arguments split by run, the other n_shared the same
+        for all. On one device, one run at a time, or `width` at a time under vmap."""
 
-    spec_runs = jax.sharding.PartitionSpec(RUNS_AXIS)
-    in_specs = (spec_runs, spec_runs, jax.sharding.PartitionSpec())[: len(args)]
-    sweep = jax.shard_map(on_device, mesh=mesh, in_specs=in_specs, out_specs=spec_runs, check_vma=False)
+        def on_device(*a):
+            split_args, shared_args = a[:n_split], a[n_split:]
+            if width == 1:  # no vmap: each run is the same program whatever the layout
+                return jax.lax.map(lambda one: run(*one, *shared_args), split_args)
+            vmapped = jax.vmap(run, in_axes=(0,) * n_split + (None,) * n_shared)
+            groups = jax.tree.map(lambda x: x.reshape(-1, width, *x.shape[1:]), split_args)
+            out = jax.lax.map(lambda group: vmapped(*group, *shared_args), groups)
+            return jax.tree.map(lambda x: x.reshape(per_device, *x.shape[2:]), out)
 
-    def train_all(*a):  # named after what it runs: the persistent cache files read jit_train_all-...
-        return sweep(*a)
+        in_specs = (spec_runs,) * n_split + (spec_all,) * n_shared
+        return jax.shard_map(on_device, mesh=mesh, in_specs=in_specs, out_specs=spec_runs, check_vma=False)
 
+    def named(program: Callable[..., Any]) -> Callable[..., Any]:
+        def train_all(*a):  # named after what it runs: the persistent cache files read jit_train_all-...
+            return program(*a)
+
+        return train_all
+
+    # The whole program, traced first: if train goes through scan_evaluations, the trace stops there with
+    # the shapes of its carry; if not, it is what runs.
     t0 = time.perf_counter()
-    compiled = jax.jit(train_all).lower(*args).compile()
+    probe, traced = _Chunk(), None
+    _chunking["active"] = probe
+    try:
+        traced = jax.jit(named(over_runs(train, 2, len(shared)))).trace(*run_args, *shared)
+    except _Probed:
+        pass
+    finally:
+        _chunking["active"] = None
+    if probe.num_evals is None:
+        compiled = traced.lower().compile()
+    else:
+        evals = evals_per_chunk(probe.num_evals, probe.evals_per_save)
+        n_chunks = probe.num_evals // evals
+
+        def run_chunk(key, run_hparams, carry_in, first, *inp):
+            chunk = _Chunk(evals, carry_in, first)
+            _chunking["active"] = chunk
+            try:
+                final, metrics, _ = train(key, run_hparams, *inp)
+            finally:
+                _chunking["active"] = None
+            return chunk.carry_out, final, metrics, chunk.snapshot
+
+        carry = jax.tree.map(
+            lambda x: _global_array(np.zeros((n_padded, *x.shape), x.dtype), split), probe.carry_shapes
+        )
+        first = _global_array(np.bool_(True), replicated)
+        program = jax.jit(named(over_runs(run_chunk, 3, 1 + len(shared))), donate_argnums=2)
+        compiled = program.lower(*run_args, carry, first, *shared).compile()
     compile_seconds = time.perf_counter() - t0
     _last_layout.clear()
     _last_layout.update(
         n_runs=n_runs, n_padded_runs=n_padded, n_devices=n_devices, n_processes=jax.process_count(),
         runs_per_device=per_device, vmap_width=width,
     )
-    with tqdm(
-        total=n_ticks * n_local * per_device, desc=desc, unit="eval", file=sys.stderr, mininterval=1.0,
-        leave=False, disable=True if not is_main_process() else None,
-    ) as bar:
+    if probe.num_evals is None:
+        out, timing = _run_whole(compiled, (*run_args, *shared), n_ticks * n_local * per_device, desc)
+    else:
+        out, timing = _run_chunks(compiled, run_args, carry, shared, n_chunks, evals, probe, n_runs, desc)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        out = multihost_utils.process_allgather(out, tiled=True)  # numpy, the whole result on every process
+    out = jax.tree.map(lambda x: jnp.asarray(x[:n_runs].reshape(n_settings, n_seeds, *x.shape[1:])), out)
+    return out, {"compile_seconds": compile_seconds, **timing}
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="eval", file=sys.stderr, mininterval=1.0, leave=False,
+                disable=True if not is_main_process() else None)
+
+
+def _run_whole(compiled: Any, args: tuple, total_ticks: int, desc: str) -> tuple[Any, dict[str, float]]:
+    """One call of a program that ticks the progress bar from inside (`tick`)."""
+    with _progress_bar(total_ticks, desc) as bar:
         _progress["bar"] = bar
         try:
             t0, cpu0 = time.perf_counter(), time.process_time()
             with interrupts.stop_point():  # Ctrl-C inside the program comes back as another error
                 out = jax.block_until_ready(compiled(*args))
                 jax.effects_barrier()
-            train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+            return out, {"train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - cpu0}
         finally:
             _progress["bar"] = None
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
 
-        out = multihost_utils.process_allgather(out, tiled=True)  # numpy, the whole result on every process
-    out = jax.tree.map(lambda x: jnp.asarray(x[:n_runs].reshape(n_settings, n_seeds, *x.shape[1:])), out)
-    timing = {"compile_seconds": compile_seconds, "train_seconds": train_seconds}
-    return out, {**timing, "train_cpu_seconds": train_cpu_seconds}
+
+def _run_chunks(
+    compiled: Any, run_args: tuple, carry: Any, shared: tuple, n_chunks: int, evals: int, probe: _Chunk,
+    n_runs: int, desc: str,
+) -> tuple[Any, dict[str, float]]:
+    """Call the chunk program n_chunks times, each from the carry the last one returned; the next call is
+    queued before waiting for the last one's metrics, so the cores never wait for Python. Returns
+    (final, metrics over all evaluations, saved policies or None) as one scan over them would."""
+    replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), (RUNS_AXIS,)),
+                                            jax.sharding.PartitionSpec())
+    flags = [_global_array(np.bool_(i == 0), replicated) for i in range(min(n_chunks, 2))]
+    metrics_of_chunks, snapshots, final = [], [], None
+    with _progress_bar(probe.num_evals * n_runs, desc) as bar:
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        for i in range(n_chunks):
+            with interrupts.stop_point():
+                carry, final, metrics, snapshot = compiled(*run_args, carry, flags[min(i, 1)], *shared)
+            done = (i + 1) * evals
+            if probe.evals_per_save and done % probe.evals_per_save == 0 and done < probe.num_evals:
+                snapshots.append(snapshot)
+            if metrics_of_chunks:
+                _show_progress(bar, metrics_of_chunks[-1], evals * n_runs, n_runs)
+            metrics_of_chunks.append(metrics)
+        with interrupts.stop_point():
+            jax.block_until_ready((carry, final, metrics_of_chunks))
+        _show_progress(bar, metrics_of_chunks[-1], evals * n_runs, n_runs)
+        timing = {"train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - cpu0}
+    metrics = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1), *metrics_of_chunks)
+    saved = jax.tree.map(lambda *parts: jnp.stack(parts, axis=1), *snapshots) if snapshots else None
+    return (final, metrics, saved), timing
+
+
+def _show_progress(bar: Any, metrics: Any, evals_done: int, n_runs: int) -> None:
+    """Wait for a chunk's metrics, then advance the bar (with the mean latest exact return, if any)."""
+    with interrupts.stop_point():
+        jax.block_until_ready(metrics)
+    if isinstance(metrics, dict) and "exact_return" in metrics and jax.process_count() == 1:
+        bar.set_postfix_str(f"last return {float(np.asarray(metrics['exact_return'])[:n_runs, -1].mean()):.4f}",
+                            refresh=False)
+    bar.update(evals_done)

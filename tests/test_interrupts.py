@@ -78,6 +78,32 @@ def test_ctrl_c_at_any_point_of_data_prep_ends_in_one_line_and_writes_nothing(tm
     assert list(tmp_path.iterdir()) == []
 
 
+SLOW_JAX_IMPORT = """
+import builtins, runpy, sys, time
+real_import = builtins.__import__
+def slow(name, *args, **kwargs):
+    if name.split(".")[0] in ("jax", "chex", "equinox", "optax"):
+        builtins.__import__ = real_import
+        print("here", flush=True)
+        time.sleep(30)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = slow
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("learner", ["iql.py", "cql.py", "dqn.py", "bc.py"])
+def test_ctrl_c_while_a_learner_imports_jax_ends_in_one_line(learner):
+    """The learners install the handler before their heavy imports, as data_prep does (a traceback of
+    importlib frames before)."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_JAX_IMPORT, learner], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for(proc, "here")
+    proc.send_signal(signal.SIGINT)
+    _ended_interrupted(proc)
+
+
 SWALLOWERS = {
     # a callee that catches the KeyboardInterrupt and carries on
     "except": """

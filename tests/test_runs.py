@@ -356,10 +356,16 @@ def test_run_dir_is_checked_before_any_work_and_overwrite_replaces_only_run_fold
 def test_defaults_are_filled_per_batch_mode_and_rounded_to_the_evaluation_interval():
     import iql
 
-    args, defaults = runs.resolve_defaults(iql.Args(eval_every=3000), iql.AUTO, full_batch=True)
-    assert args.full_batch and not args.minibatch and args.hidden == iql.AUTO["full batch"]["hidden"]
-    assert args.num_updates == 9000 and defaults["chosen"]["num_updates"] == 9000  # 8,000 rounded up
+    args, defaults = runs.resolve_defaults(iql.Args(eval_every=3000), iql.AUTO, True, n_transitions=91_125)
+    assert args.full_batch and not args.minibatch and args.hidden == (64, 64) and args.learning_rate == (1e-2,)
+    assert args.num_updates == 6000 and defaults["chosen"]["num_updates"] == 6000  # 4,000 rounded up
     assert defaults["batch_mode"] == "full batch" and args.lr_schedule == "cosine"
+    assert defaults["n_transitions"] == 91_125
+    # a large replay (the 100k ICU-Sepsis one) gets the wider network and more updates
+    args, _ = runs.resolve_defaults(iql.Args(eval_every=1000), iql.AUTO, True, n_transitions=926_212)
+    assert args.hidden == (128, 128) and args.num_updates == 12_000 and args.learning_rate == (3e-3,)
+    with pytest.raises(runs.RunError, match="n_transitions"):
+        runs.resolve_defaults(iql.Args(), iql.AUTO, full_batch=True)
     args, defaults = runs.resolve_defaults(iql.Args(hidden=(7,), learning_rate=(0.1,)), iql.AUTO, full_batch=False)
     assert args.hidden == (7,) and args.learning_rate == (0.1,) and args.minibatch
     assert "hidden" not in defaults["chosen"] and args.num_updates == iql.AUTO["minibatch"]["num_updates"]

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -201,3 +202,123 @@ def test_distributed_without_a_coordinator_is_one_clear_error(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(runs.RunError, match="could not join"):
         runs.use_host_devices()
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunks of evaluations: a train that goes through runs.scan_evaluations (every learner) runs as one
+# compiled call per chunk, and the progress bar advances between calls, also with the compilation cache on
+
+
+def chunked_train(n_evals: int = 6, evals_per_save: int = 0):
+    """The toy regression of `toy_train`, with its evaluations scanned by runs.scan_evaluations."""
+    optimiser = optax.adam(1e-2)
+
+    def train(key, hparams, data):
+        x, y = data
+        w = jax.random.normal(key, (x.shape[1], y.shape[1])) / 3
+
+        def evaluate(carry, _):
+            def update(carry, _):
+                w, state, key = carry
+                key, sub = jax.random.split(key)
+                rows = jax.random.randint(sub, (32,), 0, x.shape[0])
+                value, grads = jax.value_and_grad(
+                    lambda w: jnp.mean((x[rows] @ w - y[rows]) ** 2) + hparams["decay"] * jnp.sum(w**2))(w)
+                steps, state = optimiser.update(grads, state, w)
+                return (optax.apply_updates(w, steps), state, key), value
+
+            carry, losses = jax.lax.scan(update, carry, None, length=5)
+            return carry, {"loss": losses.mean(), "exact_return": -losses[-1]}
+
+        (w, _, _), metrics, saved = runs.scan_evaluations(
+            evaluate, (w, optimiser.init(w), key), n_evals, evals_per_save, lambda carry: carry[0]
+        )
+        return w, metrics, saved
+
+    return train
+
+
+class _RecordingBar:
+    """Stands in for tqdm: records every advance."""
+
+    updates: ClassVar[list] = []
+
+    def __init__(self, total=None, **_):
+        self.total, self.n = total, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        return False
+
+    def update(self, n=1):
+        self.n += n
+        _RecordingBar.updates.append(n)
+
+    def set_postfix_str(self, *_, **__):
+        pass
+
+
+@pytest.fixture
+def cache_on_progress(monkeypatch):
+    """The progress bar as it is with the persistent compilation cache on (no host-callback ticks), recorded."""
+    import tqdm.auto
+
+    monkeypatch.setitem(sweep._progress, "ticks", False)  # what runs.enable_compilation_cache sets
+    monkeypatch.setattr(tqdm.auto, "tqdm", _RecordingBar)
+    _RecordingBar.updates = []
+    return _RecordingBar.updates
+
+
+def test_progress_advances_with_every_evaluation_when_the_compilation_cache_is_on(cache_on_progress):
+    _, hparams = runs.make_hparam_grid({"decay": [0.0, 1e-2]})
+    (_, metrics, saved), _ = runs.run_sweep(chunked_train(6), [0, 1], hparams, n_ticks=6, inputs=toy_data())
+    assert metrics["loss"].shape == (2, 2, 6) and saved is None
+    assert cache_on_progress == [4] * 6  # one chunk of one evaluation of each of the 4 runs at a time
+
+
+def test_chunked_runs_give_the_bytes_of_one_scan_over_every_evaluation():
+    """run_sweep cuts the evaluations into chunks; the result (and every saved policy) is the one of the
+    whole scan, which is what runs.scan_evaluations does outside run_sweep."""
+    _, hparams = runs.make_hparam_grid({"decay": [0.0, 1e-2]})
+    assert sweep.evals_per_chunk(6, 2) == 1 and sweep.evals_per_chunk(400, 0) == 4
+    assert sweep.evals_per_chunk(7, 0, max_chunks=3) == 7
+    (w, metrics, saved), _ = runs.run_sweep(chunked_train(6, 2), [3, 4], hparams, n_ticks=6, inputs=toy_data())
+    assert saved.shape[:3] == (2, 2, 2)  # after 2 and 4 of 6 evaluations, the final one apart
+    single = jax.jit(chunked_train(6, 2))
+    for s, decay in enumerate([0.0, 1e-2]):
+        for i, seed in enumerate([3, 4]):
+            w1, metrics1, saved1 = single(jax.random.PRNGKey(seed), {"decay": jnp.float32(decay)}, toy_data())
+            np.testing.assert_array_equal(np.asarray(w[s, i]), np.asarray(w1))
+            np.testing.assert_array_equal(np.asarray(metrics["loss"][s, i]), np.asarray(metrics1["loss"]))
+            np.testing.assert_array_equal(np.asarray(saved[s, i]), np.asarray(saved1))
+
+
+@pytest.mark.parametrize("how", ["raised", "swallowed"])
+def test_ctrl_c_during_a_chunk_stops_the_run_at_its_end_when_the_compilation_cache_is_on(cache_on_progress, how):
+    """A Ctrl-C while the second chunk runs (recorded when the first one is reported, as the SIGINT handler
+    records it; raised there, or swallowed as JAX's gc callback swallows it): the run stops with
+    KeyboardInterrupt at the next chunk, not after all evaluations."""
+    import signal
+
+    from cleansepsis import interrupts
+
+    def interrupt_at_first_report(self, n=1):
+        _RecordingBar.updates.append(n)
+        if len(_RecordingBar.updates) == 1:
+            try:
+                interrupts._handler(signal.SIGINT, None)  # what the handler does when the signal lands
+            except KeyboardInterrupt:
+                if how == "raised":
+                    raise
+
+    _, hparams = runs.make_hparam_grid({"decay": [0.0]})
+    original = _RecordingBar.update
+    _RecordingBar.update = interrupt_at_first_report
+    try:
+        with interrupts.handling(), pytest.raises(KeyboardInterrupt):
+            runs.run_sweep(chunked_train(20), [0], hparams, n_ticks=20, inputs=toy_data())
+    finally:
+        _RecordingBar.update = original
+    assert 1 <= len(cache_on_progress) <= 2
