@@ -48,7 +48,7 @@ class Args:
     """Adam steps per FQE iteration."""
     hidden: int = 128
     """Width of the Q network's two hidden layers."""
-    dose_encoding: str = "standardised"
+    dose_encoding: str = "bounds"
     """How the dose enters the Q network: "standardised" (dose and log dose) or "bounds" ([-1, 1])."""
     refits: int = 8
     """FQE refits on episode resamples for the interval."""

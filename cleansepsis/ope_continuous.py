@@ -8,7 +8,8 @@ deterministic target (`deterministic_target`); the simulator's policies are adap
 `simulator_target`; checkpoints come in through `cleansepsis.policy.load_policy` (see `evaluate`).
 
 FQE (Le et al. 2019, as in `ope.neural_fqe` but with the dose as an input): Q(s, a) is an MLP on the
-standardised observation and the dose mapped to [-1, 1] by the replay's bounds. Each of `n_iterations`
+standardised observation and the dose (by default mapped to [-1, 1] by the replay's bounds; or the dose
+and its logarithm, each standardised by the logged doses, see `Scaling`). Each of `n_iterations`
 outer steps (a `lax.scan`) freezes Q_k and regresses Q onto r + gamma * (1 - terminated) * mean_j
 Q_k(s', a'_j) with an inner `lax.scan` of Adam steps on random minibatches, where a'_1..a'_K are the
 target's doses at s' (K = 1 for a deterministic target, its mean; K draws for a stochastic one, drawn once
@@ -134,7 +135,7 @@ class ContinuousFQEConfig:
     steps_per_iteration: int = 300
     batch_size: int = 512
     learning_rate: float = 1e-3
-    dose_encoding: str = "standardised"  # or "bounds" (see Scaling)
+    dose_encoding: str = "bounds"  # or "standardised" (see Scaling); "bounds" is the one validated
     final_lr_share: float = 0.02  # cosine decay of the rate within each iteration, to this share
 
 
