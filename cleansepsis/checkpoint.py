@@ -9,7 +9,9 @@ A checkpoint folder holds
     {"kind": "mlp", "activation": "relu", "hidden": ["hidden_0", "hidden_1"], "output": "output"}
     {"kind": "dueling_mlp", "activation": "relu", "hidden": [...], "value": "value", "advantage": "advantage"}
 and `outputs` says what the network's output means: "q_values" (act greedily) or "logits" (a softmax
-policy). Everything else in the config (obs_dim, n_actions, feature names, normalisation, replay hash,
+policy), or "action_mean" for a continuous action: one output z, the action is
+low + (tanh(z) + 1) / 2 * (high - low) with the bounds and unit of the config's `action_space` (then
+`n_actions` is 0 and the output layer has width 1). Everything else in the config (obs_dim, n_actions, feature names, normalisation, replay hash,
 algorithm, hyperparameters, seed) is for checking and describing the policy.
 """
 
@@ -37,7 +39,8 @@ READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh, "gelu": jax.nn.gelu, "silu": jax.nn.silu}
-OUTPUTS = ("q_values", "logits")
+OUTPUTS = ("q_values", "logits", "action_mean")
+CONTINUOUS_OUTPUTS = ("action_mean",)
 REQUIRED_CONFIG = ("format", "format_version", "network", "outputs", "obs_dim", "n_actions")
 # the keys of each network kind, and which of them name a layer head with its output width
 NETWORK_KEYS = {
@@ -180,11 +183,18 @@ def _check_config(path: Path, config: Any, require_hash: bool) -> None:
             f"{path}: format {config['format']!r} version {config['format_version']!r}; "
             f"expected {FORMAT!r} version {' or '.join(map(str, READABLE_VERSIONS))}"
         )
-    for key in ("obs_dim", "n_actions"):
-        if not _is_int(config[key]) or config[key] < 1:
-            raise CheckpointError(f"{path}: {key} is {config[key]!r}; expected a whole number of at least 1")
     if config["outputs"] not in OUTPUTS:
         raise CheckpointError(f"{path}: outputs {config['outputs']!r}; expected one of {OUTPUTS}")
+    continuous = config["outputs"] in CONTINUOUS_OUTPUTS
+    for key in ("obs_dim", "n_actions"):
+        if continuous and key == "n_actions":
+            if config[key] != 0 or isinstance(config[key], bool):
+                raise CheckpointError(f"{path}: n_actions is {config[key]!r}; a continuous policy has 0")
+            continue
+        if not _is_int(config[key]) or config[key] < 1:
+            raise CheckpointError(f"{path}: {key} is {config[key]!r}; expected a whole number of at least 1")
+    if continuous:
+        _check_action_space(path, config.get("action_space"))
     for key, types in DESCRIPTIVE_TYPES.items():
         if key not in config:
             continue
@@ -211,6 +221,18 @@ def _check_config(path: Path, config: Any, require_hash: bool) -> None:
             raise CheckpointError(
                 f"{path}: tensors must map each tensor name to its shape, a list of whole numbers"
             )
+
+
+def _check_action_space(path: Path, space: Any) -> None:
+    """A continuous policy's action space: finite bounds low < high and a unit, which its actions are in."""
+    if not isinstance(space, dict) or space.get("kind") != "continuous":
+        raise CheckpointError(f"{path}: action_space is {space!r}; a continuous policy needs "
+                              "{'kind': 'continuous', 'name', 'unit', 'low', 'high'}")
+    low, high = space.get("low"), space.get("high")
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x) for x in (low, high))
+    if not numbers or not low < high or not isinstance(space.get("unit"), str):
+        raise CheckpointError(f"{path}: action_space bounds [{low!r}, {high!r}] or unit {space.get('unit')!r} "
+                              "are not usable; expected finite low < high and a unit")
 
 
 def _check_network(path: Path, network: Any) -> None:
@@ -274,7 +296,7 @@ def _check_tensors(path: Path, tensors: dict[str, np.ndarray], config: dict[str,
     for name in network["hidden"]:
         width = _check_layer(path, tensors, name, width)
     if network["kind"] == "mlp":
-        heads = [(network["output"], config["n_actions"])]
+        heads = [(network["output"], 1 if config["outputs"] in CONTINUOUS_OUTPUTS else config["n_actions"])]
     else:
         heads = [(network["value"], 1), (network["advantage"], config["n_actions"])]
     for name, out in heads:

@@ -5,6 +5,12 @@
     policy.action_probs(obs)           # (A,) or (B, A)
     policy.decode_action(7)            # levels and dose ranges in physical units
 
+A continuous policy (`outputs` "action_mean", from iql_continuous.py) acts by its mean:
+
+    policy.select_action(obs)          # one state -> float dose in the action space's unit (e.g. mg),
+                                       # a batch -> (B,) float array; always within [low, high]
+    policy.action_space                # {"kind": "continuous", "name": ..., "unit": "mg", "low", "high"}
+
 A checkpoint whose `outputs` are "q_values" acts greedily over the admissible actions (all actions
 when no mask is given); one with "logits" is the softmax policy (renormalised over the admissible
 actions when a mask is given). For research only; not for treating patients.
@@ -22,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cleansepsis.checkpoint import CheckpointError, load_checkpoint, network_forward
+from cleansepsis.checkpoint import CONTINUOUS_OUTPUTS, CheckpointError, load_checkpoint, network_forward
 
 N_LEVELS = 5  # actions are 5 * fluid_level + vaso_level, each level 0..4
 
@@ -80,6 +86,36 @@ class Policy:
     def action_bins(self) -> dict[str, Any] | None:
         return self.config.get("action_bins")
 
+    @property
+    def is_continuous(self) -> bool:
+        return self.outputs in CONTINUOUS_OUTPUTS
+
+    @property
+    def action_space(self) -> dict[str, Any]:
+        """The continuous action space (bounds and unit), or the discrete one {"kind", "n", "encoding"}."""
+        if self.is_continuous:
+            return dict(self.config["action_space"])
+        return {"kind": "discrete", "n": self.n_actions, "encoding": self.config.get("action_encoding")}
+
+    def _continuous_only(self, what: str) -> None:
+        if not self.is_continuous:
+            raise PolicyError(f"{self.path}: {what} is for continuous policies; this one has {self.n_actions} "
+                              "discrete actions (use select_action or action_probs)")
+
+    def _discrete_only(self, what: str) -> None:
+        if self.is_continuous:
+            space = self.action_space
+            raise PolicyError(f"{self.path}: {what} is for discrete policies; this one gives a continuous "
+                              f"{space.get('name')} in {space.get('unit')} (use select_action)")
+
+    def action_mean(self, obs: Any) -> jnp.ndarray:
+        """The continuous action of the policy's mean, in the action space's unit: (,) or (B,)."""
+        self._continuous_only("action_mean")
+        z = self.outputs_of(obs)[..., 0]
+        space = self.action_space
+        low, high = float(space["low"]), float(space["high"])
+        return jnp.clip(low + 0.5 * (jnp.tanh(z) + 1.0) * (high - low), low, high)
+
     def _obs(self, obs: Any) -> jnp.ndarray:
         obs = jnp.asarray(obs, jnp.float32)
         if obs.ndim not in (1, 2) or obs.shape[-1] != self.obs_dim:
@@ -103,6 +139,7 @@ class Policy:
 
     def action_probs(self, obs: Any, action_mask: Any = None) -> jnp.ndarray:
         """pi(.|obs): one-hot of the admissible argmax for Q-values, the (masked) softmax for logits."""
+        self._discrete_only("action_probs")
         out = self.outputs_of(obs)
         mask = self._mask(action_mask, out.shape)
         if mask is not None:
@@ -111,14 +148,21 @@ class Policy:
             return jax.nn.one_hot(jnp.argmax(out, axis=-1), self.n_actions, dtype=jnp.float32)
         return jax.nn.softmax(out, axis=-1)
 
-    def select_action(self, obs: Any, action_mask: Any = None) -> int | np.ndarray:
-        """The most probable action: an int for one state, an int array for a batch."""
+    def select_action(self, obs: Any, action_mask: Any = None) -> int | float | np.ndarray:
+        """The most probable action: an int for one state, an int array for a batch. A continuous policy
+        gives its mean action in physical units (a float, or a float array for a batch)."""
+        if self.is_continuous:
+            if action_mask is not None:
+                raise PolicyError(f"{self.path}: a continuous policy takes no action_mask")
+            dose = np.asarray(self.action_mean(obs), np.float64)
+            return float(dose) if dose.ndim == 0 else dose
         probs = self.action_probs(obs, action_mask)
         actions = np.asarray(jnp.argmax(probs, axis=-1), np.int64)
         return int(actions) if actions.ndim == 0 else actions
 
     def decode_action(self, action: int) -> dict[str, Any]:
         """Vasopressor and fluid levels of an action and, where the data define them, their dose ranges."""
+        self._discrete_only("decode_action")
         action = int(action)
         if not 0 <= action < self.n_actions:
             raise PolicyError(f"{self.path}: action {action} outside 0..{self.n_actions - 1}")
@@ -199,6 +243,14 @@ def load_policy(
         obs_dim = meta.get("obs_dim") if obs_dim is None else obs_dim
         feature_names = meta.get("feature_names") if feature_names is None else feature_names
         normalisation = meta.get("normalisation") if normalisation is None else normalisation
+        from cleansepsis.replay import action_space_of, describe_action_space
+
+        space = action_space_of(meta)
+        if (space.get("kind") == "continuous") != policy.is_continuous:
+            raise PolicyError(
+                f"{policy.path}: the policy gives {describe_action_space(policy.action_space)} but {source} has "
+                f"{describe_action_space(space)}"
+            )
         if not policy.action_bins and meta.get("action_bins"):
             policy = Policy(policy.path, policy.tensors, {**config, "action_bins": meta["action_bins"]})
     _check_bins(policy.path, policy.action_bins)

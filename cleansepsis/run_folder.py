@@ -36,7 +36,7 @@ from cleansepsis.sweep import device_info, is_main_process
 RUN_FORMAT = "cleansepsis-run"
 RUN_FORMAT_VERSION = 2
 # Metrics that describe the policy rather than a loss; copied into summary.json and the checkpoints.
-POLICY_METRICS = ("exact_return", "mean_length", "greedy_return", "greedy_length")
+POLICY_METRICS = ("exact_return", "mean_length", "greedy_return", "greedy_length", "sim_return")
 
 
 class RunFolderError(ValueError):
@@ -177,7 +177,7 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     metrics = {k: np.asarray(v) for k, v in metrics.items()}
-    names = [n for n in ("exact_return", "greedy_return") if n in metrics]
+    names = [n for n in ("exact_return", "greedy_return", "sim_return") if n in metrics]
     names += [n for n in metrics if not is_policy_metric(n)][: max(1, 4 - len(names))]
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
     steps = np.asarray(steps)
@@ -235,6 +235,8 @@ def checkpoint_config(
         "action_bins": meta.get("action_bins"),
         "cleansepsis_version": versions()["cleansepsis"],
     }
+    if replay.is_continuous:  # the bounds and unit the policy's actions are in (discrete configs unchanged)
+        config["action_space"] = replay.action_space
     config.update(extra or {})
     return config
 
@@ -269,8 +271,8 @@ def finish_run(
     `cleansepsis.checkpoint.save_checkpoint` takes them: the final one for save_index None, else the one
     saved after `saved_updates[save_index]` updates. `steps` are the update counts at the logged metrics;
     policy metrics of a saved checkpoint are the ones logged at its update count."""
-    if outputs not in ("q_values", "logits"):
-        raise RunFolderError(f"outputs must be 'q_values' or 'logits', got {outputs!r}")
+    if outputs not in ("q_values", "logits", "action_mean"):
+        raise RunFolderError(f"outputs must be 'q_values', 'logits' or 'action_mean', got {outputs!r}")
     identity = script_identity(script)
     path = Path(run_dir) if run_dir is not None else default_run_dir(script_stem(identity), run_name)
     if not is_main_process():  # across processes every one holds the whole result; one writes it
