@@ -19,7 +19,8 @@ from cleansepsis.evaluate import main
 from cleansepsis.replay import write_replay
 from cleansepsis.vancomycin_replay import VancomycinSimArgs, make_vancomycin_replay
 
-FAST = ["--fqe-iterations", "2", "--fqe-steps", "20", "--fqe-refits", "2", "--n-boot", "20", "--sim-patients", "200"]
+FAST = ["--fqe-iterations", "2", "--fqe-steps", "20", "--fqe-refits", "2", "--n-boot", "20", "--action-samples", "1",
+        "--sim-patients", "200"]  # one sampled dose: every target shares one compiled FQE program
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,26 @@ def test_a_discrete_policy_or_option_on_a_continuous_replay_is_one_clear_error(v
     for option in (["--fqe", "tabular"], ["--behavior", str(tmp_path)]):
         assert main([str(run), "--replay", str(vanco_replay), *option, *FAST]) == 2
         assert "continuous" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_saved_continuous_checkpoint_is_evaluated_through_load_policy(vanco_replay, tmp_path, capsys):
+    import equinox as eqx
+
+    from cleansepsis.checkpoint import linear_layers, save_checkpoint
+    from cleansepsis.replay import load_replay
+
+    meta = load_replay(vanco_replay).meta
+    run = make_run(tmp_path / "run")
+    mlp = eqx.nn.MLP(meta["obs_dim"], 1, 8, 1, key=jax.random.key(0))
+    config = {
+        "network": {"kind": "mlp", "activation": "relu", "hidden": ["h0"], "output": "out"},
+        "outputs": "action_mean", "obs_dim": meta["obs_dim"], "n_actions": 0, "action_space": meta["action_space"],
+        "feature_names": meta["feature_names"], "normalisation": meta["normalisation"], "algo": "test",
+        "replay_path": str(vanco_replay), "hparams": {}, "seed": 0, "setting": 0,
+    }  # fmt: skip
+    save_checkpoint(run / "checkpoints/s0_seed0", linear_layers(mlp, ["h0", "out"]), config)
+    assert main([str(run), "--replay", str(vanco_replay), "--json", "--sim-patients", "0", *FAST[:-2]]) == 0
+    policy = json.loads(capsys.readouterr().out)["policies"][-1]
+    assert policy["name"] == "s0_seed0" and policy["simulated"] is None  # --sim-patients 0: no simulation
+    assert np.isfinite(policy["ope"]["estimators"]["fqe"]["estimate"]) and "deterministic" in policy["ope"]["undefined"]
+    assert 0.0 <= policy["doses"]["policy_mean"] <= V.DOSE_MAX_MG
