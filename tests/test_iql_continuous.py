@@ -117,8 +117,9 @@ def test_refuses_a_discrete_replay_before_any_work(tmp_path):
     (["--final-eval-patients", "1"], "--final-eval-patients must be 0 (skip) or at least 2"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, flags, message):
+    (tmp_path / "r.parquet").write_bytes(b"")  # never read: the arguments are refused first
     with pytest.raises(runs.RunError) as err:
-        IC.main(["--replay", str(tmp_path / "missing.parquet"), "--run-dir", str(tmp_path / "run"), *flags])
+        IC.main(["--replay", str(tmp_path / "r.parquet"), "--run-dir", str(tmp_path / "run"), *flags])
     assert message in str(err.value)
     assert not (tmp_path / "run").exists()
 
@@ -174,3 +175,21 @@ def test_continuous_checkpoint_config(simulator_run):
     config = json.loads(Path(simulator_run / "run" / "checkpoints" / "s0_seed0" / "config.json").read_text())
     assert config["outputs"] == "action_mean" and config["n_actions"] == 0
     assert config["action_space"] == SPACE and config["env_id"] == "CleanSepsis/Vancomycin-v0"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: {k: v for k, v in c.items() if k != "action_space"}, "a continuous policy needs"),
+    (lambda c: {**c, "n_actions": 1}, "n_actions is 1; a continuous policy has 0"),
+    (lambda c: {**c, "action_space": {**SPACE, "high": -1.0}}, "bounds [0.0, -1.0]"),
+])
+def test_bad_continuous_checkpoint_config_is_refused(tmp_path, change, message):
+    from cleansepsis.checkpoint import CheckpointError, save_checkpoint
+
+    tensors = {"hidden_0.weight": np.zeros((4, 3), np.float32), "hidden_0.bias": np.zeros(4, np.float32),
+               "output.weight": np.zeros((1, 4), np.float32), "output.bias": np.zeros(1, np.float32)}
+    config = {"network": {"kind": "mlp", "activation": "relu", "hidden": ["hidden_0"], "output": "output"},
+              "outputs": "action_mean", "obs_dim": 3, "n_actions": 0, "action_space": SPACE}
+    save_checkpoint(tmp_path / "ok", tensors, config)
+    assert load_policy(tmp_path / "ok").select_action(np.zeros(3)) == pytest.approx(1500.0)  # tanh(0): the middle
+    with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        save_checkpoint(tmp_path / "bad", tensors, change(config))
