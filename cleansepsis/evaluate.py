@@ -8,6 +8,8 @@ Writes into each run folder `evaluation.json`, `evaluation.md`, `action_heatmap.
 `forest.png`, and a model card `README.md` into each checkpoint folder. The behaviour policy is the
 replay's logged `behavior_prob`; replays without it (MIMIC-IV) need `--behavior CKPT`, a bc.py policy
 trained on a split this evaluation does not use, whose calibration on the evaluated split is reported.
+Replays with continuous actions (doses) go to `cleansepsis.evaluate_continuous` (continuous FQE, IS where
+the target has a density, simulated true values on the vancomycin simulator).
 For research only; not for treating patients.
 """
 
@@ -75,6 +77,12 @@ class Args:
     """Neural FQE: refits on episode resamples (vmapped) for the interval; 0: one fit (omits fit noise)."""
     heldout_episodes: int = 2_000
     """ICU-Sepsis replays without the requested split: clinician episodes of the fresh held-out replay."""
+    acting: Literal["mean", "sample"] = "mean"
+    """Continuous replays: evaluate each policy acting by its mean dose, or sampling (needs its density)."""
+    action_samples: int = 4
+    """Continuous replays: sampled doses per next state for FQE of a stochastic policy."""
+    sim_patients: int = 100_000
+    """Simulator replays (CleanSepsis/Vancomycin-v0): patients for each policy's Monte Carlo true value (0: none)."""
     model_cards: bool = True
     """Write a README.md model card into each checkpoint folder."""
     overwrite: bool = False
@@ -292,6 +300,10 @@ def evaluate_run(run_dir: Path, args: Args, log=print) -> dict[str, Any]:
     if args.heldout_episodes < 1:
         raise EvaluationError(f"--heldout-episodes must be at least 1, got {args.heldout_episodes}")
     replay, heldout = heldout_replay_for(load_replay(_replay_for(entries, args)), args, log)
+    if replay.is_continuous:
+        from cleansepsis import evaluate_continuous
+
+        return evaluate_continuous.evaluate_run(run_dir, entries, replay, args, log)
     data = replay.split(args.split)
     extras = replay.extras_for(args.split)
     behaviour = behaviour_model(replay, data, args)
@@ -317,6 +329,8 @@ def evaluate_run(run_dir: Path, args: Args, log=print) -> dict[str, Any]:
 
     for i, entry in enumerate(entries):
         policy = load_policy(entry["path"], replay)
+        if getattr(policy, "is_continuous", False):
+            raise EvaluationError(f"{entry['path']}: a continuous-dose policy, but {replay.path} has discrete actions")
         mask = np.asarray(data.action_mask) if replay.has["action_mask"] else None
         next_mask = np.asarray(data.next_action_mask) if replay.has["next_action_mask"] else None
         probs = np.asarray(policy.action_probs(data.obs, mask), np.float64)
@@ -594,10 +608,18 @@ def main(argv: list[str] | None = None) -> int:
         out = reports[0] if len(reports) == 1 else {"runs": reports}
         print(json.dumps(out, indent=2, sort_keys=True, default=_json_default))
     else:
+        from cleansepsis import evaluate_continuous
+
         for report in reports:
-            print(markdown(report))
+            print(evaluate_continuous.markdown(report) if evaluate_continuous.is_continuous_report(report)
+                  else markdown(report))  # fmt: skip
         if len(reports) > 1:
-            print("## Comparison\n\n" + comparison_table(reports))
+            continuous = [r for r in reports if evaluate_continuous.is_continuous_report(r)]
+            discrete = [r for r in reports if not evaluate_continuous.is_continuous_report(r)]
+            if discrete:
+                print("## Comparison\n\n" + comparison_table(discrete))
+            if continuous:
+                print("## Comparison (continuous doses)\n\n" + evaluate_continuous.comparison_table(continuous))
     return 0
 
 

@@ -1,0 +1,244 @@
+"""Validate continuous FQE (and continuous importance sampling) against the vancomycin simulator's truth.
+
+Roll out `--episodes` clinician-like episodes (the logged data, with the clinician's exact log density per
+mg), estimate the value of several target policies from them with `cleansepsis.ope_continuous`, and
+compare with each target's true value by Monte Carlo over `--mc-patients` simulated patients
+(`vancomycin.policy_value`, undiscounted, with its standard error). A target passes when
+|FQE - MC| <= 2 * sqrt(MC SE^2 + FQE SE^2), with FQE's SE the spread of its refits on episode resamples.
+
+Targets: the clinician policy itself (stochastic: FQE averages over sampled doses; WIS weights are all 1),
+the clinician rule acting by its mean (deterministic), the same rule with 20% higher doses and the same
+log-normal noise (stochastic, so importance sampling is defined), a fixed 1,000 mg every 12 h
+(deterministic, partly outside the logged doses), and any continuous-policy checkpoints given (evaluated
+acting by their mean dose, as the learners' own evaluation does).
+
+    uv run python benchmarks/bench_fqe_continuous.py
+    uv run python benchmarks/bench_fqe_continuous.py --checkpoints runs/iql_continuous__x/checkpoints/s0_seed0
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
+from jax.scipy.special import ndtr, ndtri
+
+from cleansepsis import ope_continuous as oc
+from cleansepsis import vancomycin as V
+from cleansepsis.replay import Transitions
+
+
+@dataclass(frozen=True)
+class Args:
+    episodes: int = 10_000
+    """Logged clinician episodes (the issue's data size)."""
+    mc_patients: int = 100_000
+    """Simulated patients per true value (Monte Carlo)."""
+    seed: int = 0
+    """Seed of the logged data (the Monte Carlo values use seed + 1)."""
+    fqe_iterations: int = 12
+    """FQE iterations (target refreshes); the episodes have 8 steps."""
+    fqe_steps: int = 500
+    """Adam steps per FQE iteration."""
+    hidden: int = 128
+    """Width of the Q network's two hidden layers."""
+    dose_encoding: str = "bounds"
+    """How the dose enters the Q network: "standardised" (dose and log dose) or "bounds" ([-1, 1])."""
+    refits: int = 8
+    """FQE refits on episode resamples for the interval."""
+    action_samples: int = 4
+    """Sampled doses per next state for stochastic targets."""
+    n_boot: int = 200
+    """Episode resamples of the importance-sampling estimators."""
+    checkpoints: tuple[Path, ...] = ()
+    """Continuous-policy checkpoint folders (iql_continuous.py / its BC) to add as targets."""
+    targets: tuple[str, ...] = ()
+    """Only these targets (names as in the table); default: all."""
+    out: Path | None = None
+    """Also write the results as JSON here."""
+
+
+def rollout_transitions(records: dict[str, np.ndarray]) -> Transitions:
+    """A simulator rollout (patients, steps, ...) as flat replay transitions with continuous doses."""
+    n_patients, n_steps = records["reward"].shape
+    n = n_patients * n_steps
+
+    def flat(x):
+        return jnp.asarray(np.asarray(x).reshape(n, *np.asarray(x).shape[2:]))
+
+    return Transitions(
+        obs=flat(records["obs"]),
+        action=flat(records["dose"]).astype(jnp.float32),
+        reward=flat(records["reward"]),
+        next_obs=flat(records["next_obs"]),
+        terminated=flat(records["terminated"]).astype(bool),
+        truncated=jnp.zeros(n, bool),
+        episode_id=jnp.repeat(jnp.arange(n_patients, dtype=jnp.int32), n_steps),
+        t=jnp.tile(jnp.arange(n_steps, dtype=jnp.int32), n_patients),
+        split=jnp.full(n, 2, jnp.int8),
+        state_index=jnp.full(n, -1, jnp.int32),
+        next_state_index=jnp.full(n, -1, jnp.int32),
+        behavior_prob=jnp.full(n, jnp.nan, jnp.float32),
+        action_mask=jnp.ones((n, 0), bool),
+        next_action_mask=jnp.ones((n, 0), bool),
+        behavior_log_density=flat(records["log_density"]),
+    )
+
+
+def rule_dose(obs: jnp.ndarray) -> jnp.ndarray:
+    return jnp.clip(V.clinician_rule_dose(obs), 0.0, V.DOSE_MAX_MG)
+
+
+def scaled_clinician(factor: float):
+    """The clinician's log-normal noise around `factor` x its rule: (simulator policy, log density)."""
+    log_sd = V.CLINICIAN_LOG_SD
+
+    def mu_of(obs):
+        return jnp.log(jnp.clip(factor * V.clinician_rule_dose(obs), 1.0, V.DOSE_MAX_MG))
+
+    def log_density(obs, dose):
+        mu = mu_of(obs)
+        safe = jnp.clip(dose, 1e-6, V.DOSE_MAX_MG)
+        z = (jnp.log(safe) - mu) / log_sd
+        upper = ndtr((jnp.log(V.DOSE_MAX_MG) - mu) / log_sd)
+        logpdf = -0.5 * z * z - jnp.log(log_sd * safe * jnp.sqrt(2.0 * jnp.pi)) - jnp.log(upper)
+        return jnp.where((dose > 0.0) & (dose <= V.DOSE_MAX_MG), logpdf, -jnp.inf)
+
+    def policy(key, obs, state, params):
+        del state, params
+        mu = mu_of(obs)
+        upper = ndtr((jnp.log(V.DOSE_MAX_MG) - mu) / log_sd)
+        dose = jnp.exp(mu + log_sd * ndtri(jax.random.uniform(key, minval=1e-7, maxval=1.0) * upper))
+        dose = jnp.minimum(dose, V.DOSE_MAX_MG)
+        return dose, log_density(obs, dose)
+
+    return policy, log_density
+
+
+def deterministic_simulator_policy(dose_fn):
+    """obs -> dose (one observation) as a simulator policy."""
+
+    def policy(key, obs, state, params):
+        del key, state, params
+        return jnp.clip(dose_fn(obs), 0.0, V.DOSE_MAX_MG), jnp.zeros((), jnp.float32)
+
+    return policy
+
+
+def checkpoint_targets(paths: tuple[Path, ...]) -> list[tuple[oc.ContinuousTarget, str, object]]:
+    """Checkpoints through `cleansepsis.policy.load_policy`, acting by their mean dose (mg)."""
+    if not paths:
+        return []
+    from cleansepsis.evaluate import continuous_target_of
+    from cleansepsis.policy import load_policy
+
+    out = []
+    for path in paths:
+        policy = load_policy(path)
+        target = continuous_target_of(policy, name=f"{policy.config.get('algo', 'policy')} {path.name}")
+        out.append((target, "mean", deterministic_simulator_policy(lambda o, t=target: t.mean_dose(o[None])[0])))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = tyro.cli(Args, args=argv, description=__doc__)
+    params = V.VancoParams()
+    started = time.time()
+    records = jax.tree.map(np.asarray, V.rollout_jit(jax.random.key(args.seed), params, V.clinician_policy,
+                                                     args.episodes))  # fmt: skip
+    data = rollout_transitions(records)
+    observed = records["reward"].sum(1)
+    print(f"{args.episodes} clinician episodes (seed {args.seed}): observed return {observed.mean():.4f} "
+          f"+- {observed.std(ddof=1) / np.sqrt(len(observed)):.4f}", file=sys.stderr)  # fmt: skip
+
+    shifted, shifted_density = scaled_clinician(1.2)
+    targets = [
+        (oc.simulator_target("clinician (stochastic)", V.clinician_policy, V.clinician_log_density,
+                             jax.vmap(rule_dose)),
+         "sample", V.clinician_policy),
+        (oc.deterministic_target("clinician rule, mean (deterministic)", jax.vmap(rule_dose)), "mean",
+         deterministic_simulator_policy(rule_dose)),
+        (oc.simulator_target("rule x 1.2, clinician noise (stochastic)", shifted, shifted_density,
+                             jax.vmap(lambda o: jnp.clip(1.2 * V.clinician_rule_dose(o), 0.0, V.DOSE_MAX_MG))),
+         "sample", shifted),
+        (oc.deterministic_target("fixed 1000 mg (deterministic)", lambda o: jnp.full(o.shape[0], 1000.0)), "mean",
+         V.fixed_dose_policy(1000.0)),
+        *checkpoint_targets(args.checkpoints),
+    ]  # fmt: skip
+    if args.targets:
+        targets = [t for t in targets if t[0].name in args.targets]
+    config = oc.ContinuousFQEConfig(hidden=args.hidden, n_iterations=args.fqe_iterations,
+                                    steps_per_iteration=args.fqe_steps,
+                                    dose_encoding=args.dose_encoding)  # fmt: skip
+    rows = []
+    for i, (target, acting, sim_policy) in enumerate(targets):
+        t0 = time.time()
+        mc, mc_se = V.policy_value(jax.random.key(args.seed + 1), params, sim_policy, args.mc_patients)
+        t_mc = time.time() - t0
+        result = oc.continuous_off_policy_evaluation(
+            data, target, low=0.0, high=V.DOSE_MAX_MG, gamma=1.0,
+            behavior_log_density=np.asarray(data.behavior_log_density), acting=acting,
+            n_action_samples=args.action_samples, n_boot=args.n_boot, key=jax.random.key(args.seed + 2 + i),
+            config=config, n_refits=args.refits,
+        )  # fmt: skip
+        fqe = result["estimators"]["fqe"]
+        se = float(np.hypot(mc_se, fqe["boot_std"]))
+        row = {
+            "target": target.name, "acting": acting, "mc_value": mc, "mc_se": mc_se,
+            "fqe": fqe["estimate"], "fqe_se": fqe["boot_std"], "fqe_error": fqe["estimate"] - mc,
+            "combined_se": se, "within_2se": bool(abs(fqe["estimate"] - mc) <= 2 * se),
+            "is": {k: result["estimators"][k]["estimate"] for k in ("wis", "pdwis", "wdr")},
+            "is_se": {k: result["estimators"][k]["boot_std"] for k in ("wis", "pdwis", "wdr")},
+            "ess": None if result["weights"] is None else result["weights"]["ess"],
+            "is_undefined": result["undefined"],
+            "mean_dose_mg": float(np.mean(result["state_doses"])),
+            "seconds_mc": t_mc, "seconds_ope": time.time() - t0 - t_mc,
+        }  # fmt: skip
+        rows.append(row)
+        print(f"[{i + 1}/{len(targets)}] {target.name}: MC {mc:.4f} +- {mc_se:.4f}, FQE {fqe['estimate']:.4f} "
+              f"+- {fqe['boot_std']:.4f} (error {row['fqe_error']:+.4f}, within 2 SE: {row['within_2se']}), "
+              f"WIS {row['is']['wis']:.4f}, WDR {row['is']['wdr']:.4f}, OPE {row['seconds_ope']:.0f} s",
+              file=sys.stderr, flush=True)  # fmt: skip
+    print(table(rows, args, observed))
+    print(f"\ntotal {time.time() - started:.0f} s")
+    if args.out is not None:
+        from cleansepsis.io import write_json
+
+        write_json(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                              "observed_return": float(observed.mean())}, overwrite=True)  # fmt: skip
+    return 0
+
+
+def _fmt(x: float | None, se: float | None = None) -> str:
+    if x is None or not np.isfinite(x):
+        return "undefined"
+    return f"{x:.3f}" if se is None or not np.isfinite(se) else f"{x:.3f} +- {se:.3f}"
+
+
+def table(rows: list[dict], args: Args, observed: np.ndarray) -> str:
+    lines = [
+        f"Logged: {args.episodes} clinician episodes (seed {args.seed}), observed return {observed.mean():.3f}. "
+        f"FQE: MLP {args.hidden}x2, {args.fqe_iterations} iterations x {args.fqe_steps} steps, SE from "
+        f"{args.refits} refits on episode resamples. MC: {args.mc_patients} patients.",
+        "",
+        "| target | MC value +- SE | mean dose (mg) | FQE +- SE | FQE error | within 2 SE | WIS +- SE | WDR +- SE | ESS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ess = "n/a" if r["ess"] is None else f"{r['ess']:.0f}"
+        lines.append(
+            f"| {r['target']} | {r['mc_value']:.3f} +- {r['mc_se']:.3f} | {r['mean_dose_mg']:.0f} | "
+            f"{_fmt(r['fqe'], r['fqe_se'])} | {r['fqe_error']:+.3f} | {'yes' if r['within_2se'] else 'no'} | "
+            f"{_fmt(r['is']['wis'], r['is_se']['wis'])} | {_fmt(r['is']['wdr'], r['is_se']['wdr'])} | {ess} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

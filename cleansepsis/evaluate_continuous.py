@@ -1,0 +1,269 @@
+"""`python -m cleansepsis.evaluate` on a replay with continuous actions (doses): the continuous half.
+
+`cleansepsis.evaluate.evaluate_run` hands a continuous replay here. Each policy of the run folder
+(`cleansepsis.load_policy`, giving doses in the replay's unit) is evaluated on the requested split with
+continuous FQE and, where the target has a density and the replay logs `behavior_log_density`, WIS, PDWIS
+and WDR (`cleansepsis.ope_continuous`), beside the logged policy's observed return and the same small-data
+warnings as the discrete path. On a vancomycin simulator replay (env id CleanSepsis/Vancomycin-v0) every
+policy's true value is also simulated (Monte Carlo over `--sim-patients` patients, with its standard
+error), and the clinician-like behaviour policy, whose density the replay logs, is evaluated as a
+reference row. Writes `evaluation.json`, `evaluation.md` and `forest.png` into the run folder (the 5 x 5
+action heatmap, the Q-value figure and the model cards are for discrete policies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cleansepsis import ope, plots
+from cleansepsis import ope_continuous as oc
+from cleansepsis.io import atomic_file, write_json
+from cleansepsis.model_card import NOTICE
+from cleansepsis.policy import load_policy
+from cleansepsis.replay import Replay, describe_action_space
+
+OUTPUT_FILES = ("evaluation.json", "evaluation.md", "forest.png")
+
+
+def continuous_target_of(policy: Any, name: str) -> oc.ContinuousTarget:
+    """A loaded continuous-dose checkpoint as a target: it acts by its mean dose (`Policy.action_mean`,
+    in the action space's unit). The checkpoints carry no density, so it is deterministic."""
+    from cleansepsis.evaluate import EvaluationError
+
+    if not getattr(policy, "is_continuous", False):
+        raise EvaluationError(
+            f"{policy.path}: a discrete policy ({policy.n_actions} actions); continuous evaluation needs a policy "
+            "that gives doses (iql_continuous.py)"
+        )
+    return oc.deterministic_target(name, policy.action_mean)
+
+
+def _simulator(replay: Replay):
+    """(simulator params, vancomycin module) when the replay comes from the vancomycin simulator, else None."""
+    from cleansepsis import vancomycin as V
+    from cleansepsis.vancomycin_replay import simulator_params_from_meta
+
+    params = simulator_params_from_meta(replay.meta)
+    return None if params is None else (params, V)
+
+
+def _clinician_is_the_behaviour(data: Any, behavior_log_density: np.ndarray | None, V: Any) -> bool:
+    """The replay's logged densities are the simulator clinician's (so its full policy is known)."""
+    if behavior_log_density is None:
+        return False
+    expected = np.asarray(jax.vmap(V.clinician_log_density)(data.obs, data.action), np.float64)
+    return bool(np.allclose(expected, behavior_log_density, atol=1e-3, rtol=1e-4))
+
+
+def simulated_value(target_dose, V: Any, params: Any, n_patients: int, seed: int, policy=None) -> dict[str, Any]:
+    """Monte Carlo value (undiscounted return) of a deterministic dose rule obs -> dose, or of a simulator
+    `policy`, over `n_patients` simulated patients."""
+    if policy is None:
+
+        def policy(key, obs, state, sim_params):
+            del key, state, sim_params
+            return target_dose(obs[None])[0], jnp.zeros((), jnp.float32)
+
+    value, stderr = V.policy_value(jax.random.key(seed), params, policy, n_patients)
+    return {"value": value, "stderr": stderr, "n_patients": n_patients, "seed": seed,
+            "what": "Monte Carlo mean undiscounted return in the simulator the replay was drawn from"}  # fmt: skip
+
+
+def dose_measures(policy_doses: np.ndarray, logged: np.ndarray) -> dict[str, float]:
+    """The policy's doses at the logged states against the logged doses."""
+    policy_doses, logged = np.asarray(policy_doses, np.float64), np.asarray(logged, np.float64)
+    ratio = policy_doses / np.maximum(logged, 1e-6)
+    both_zero = (policy_doses == 0) & (logged == 0)
+    return {
+        "policy_mean": float(policy_doses.mean()),
+        "logged_mean": float(logged.mean()),
+        "mean_abs_difference": float(np.abs(policy_doses - logged).mean()),
+        "median_ratio": float(np.median(np.where(both_zero, 1.0, ratio))),
+        "within_20_percent": float((both_zero | (np.abs(ratio - 1.0) <= 0.2)).mean()),
+    }
+
+
+def evaluate_run(run_dir: Path, entries: list[dict[str, Any]], replay: Replay, args: Any, log=print) -> dict[str, Any]:
+    from cleansepsis.evaluate import EvaluationError, observed_return
+
+    if args.behavior is not None:
+        raise EvaluationError(
+            f"--behavior {args.behavior}: a bc.py model of discrete actions; {replay.path} has "
+            f"{describe_action_space(replay.action_space)}, whose behaviour density comes from its "
+            "behavior_log_density column"
+        )
+    if args.fqe == "tabular":
+        raise EvaluationError(f"--fqe tabular needs discrete actions; {replay.path} has continuous doses")
+    space = replay.action_space
+    data = replay.split(args.split)
+    behavior_log_density = np.asarray(data.behavior_log_density) if replay.has.get("behavior_log_density") else None
+    simulator = _simulator(replay)
+    simulate = simulator is not None and args.sim_patients > 0 and args.gamma == 1.0
+    log(f"{run_dir}: {len(entries)} policies on {replay.path} split {args.split} ({data.size} transitions, "
+        f"{describe_action_space(space)})")  # fmt: skip
+    observed = observed_return(data, args.gamma)
+    config = oc.ContinuousFQEConfig(n_iterations=args.fqe_iterations, steps_per_iteration=args.fqe_steps)
+
+    def evaluate_target(name: str, target: oc.ContinuousTarget, acting: str, index: int) -> dict[str, Any]:
+        result = oc.continuous_off_policy_evaluation(
+            data, target, low=float(space["low"]), high=float(space["high"]), gamma=args.gamma,
+            behavior_log_density=behavior_log_density, acting=acting, n_action_samples=args.action_samples,
+            clip=args.clip, n_boot=args.n_boot, key=jax.random.fold_in(jax.random.key(args.seed), index),
+            config=config, n_refits=args.fqe_refits,
+        )  # fmt: skip
+        state_doses = result.pop("state_doses")
+        result.pop("target_doses")
+        return {"name": name, "ope": result, "doses": dose_measures(state_doses, np.asarray(data.action))}
+
+    # every policy loaded and checked before anything is fitted: a wrong one is an error, not half a report
+    loaded = []
+    for entry in entries:
+        policy = load_policy(entry["path"], replay)
+        name = Path(entry["checkpoint"]).name
+        loaded.append((entry, policy, continuous_target_of(policy, name)))
+
+    policies = []
+    if simulator is not None and _clinician_is_the_behaviour(data, behavior_log_density, simulator[1]):
+        params, V = simulator
+        clinician = oc.simulator_target(
+            "clinicians", V.clinician_policy, V.clinician_log_density,
+            jax.vmap(lambda o: jnp.clip(V.clinician_rule_dose(o), 0.0, V.DOSE_MAX_MG)),
+        )  # fmt: skip
+        row = evaluate_target("clinicians", clinician, "sample", 0)
+        row.update(checkpoint=None, acting="sample (the logged stochastic policy)")
+        row["simulated"] = simulated_value(None, V, params, args.sim_patients, args.seed, V.clinician_policy) \
+            if simulate else None  # fmt: skip
+        policies.append(row)
+
+    for i, (entry, policy, target) in enumerate(loaded):
+        name = target.name
+        row = evaluate_target(name, target, args.acting, i + 1)
+        row.update(
+            checkpoint=entry["checkpoint"], algo=policy.config.get("algo"), seed=policy.config.get("seed"),
+            setting=policy.config.get("setting"), hparams=policy.config.get("hparams"), acting=args.acting,
+        )  # fmt: skip
+        row["simulated"] = None
+        if simulate:
+            params, V = simulator
+            row["simulated"] = simulated_value(target.mean_dose, V, params, args.sim_patients, args.seed)
+        policies.append(row)
+        fqe = row["ope"]["estimators"]["fqe"]
+        sim = row["simulated"]
+        warn = ", ".join(w["code"] for w in row["ope"]["warnings"]) or "none"
+        log(f"  [{i + 1}/{len(entries)}] {name}: FQE {fqe['estimate']:.4f} +- {fqe['boot_std']:.4f} simulated "
+            f"{'unknown' if sim is None else format(sim['value'], '.4f')} (observed {observed['mean']:.4f}; "
+            f"warnings: {warn})")  # fmt: skip
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items() if k not in ("run_dirs", "json")}
+    report = {
+        "run_dir": str(run_dir),
+        "action_space": space,
+        "replay": {
+            "path": str(replay.path), "content_hash": replay.content_hash, "source": replay.meta.get("source"),
+            "env_id": replay.meta.get("env_id"), "reward": replay.meta.get("reward"), "split": args.split,
+            "heldout": None,
+        },
+        "settings": settings,
+        "behavior": {
+            "source": "logged behavior_log_density column" if behavior_log_density is not None else "unknown "
+            "(no behavior_log_density column: importance sampling is undefined)",
+            "calibration": None,
+        },
+        "observed_return": observed,
+        "thresholds": ope.warning_thresholds(),
+        "warnings": sorted({w["code"] for p in policies for w in p["ope"]["warnings"]}),
+        "policies": policies,
+        "notice": NOTICE,
+    }
+    write_outputs(run_dir, report, args)
+    return report
+
+
+def _est(e: dict[str, Any]) -> str:
+    if not np.isfinite(e["estimate"]):
+        return "undefined" if e.get("undefined") else "n/a (all weights 0)"
+    if not np.isfinite(e.get("ci_low", np.nan)):
+        return f"{e['estimate']:.4f}"
+    return f"{e['estimate']:.4f} [{e['ci_low']:.4f}, {e['ci_high']:.4f}]"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s, space = report["settings"], report["action_space"]
+    obs = report["observed_return"]
+    fqe0 = report["policies"][0]["ope"]["estimators"]["fqe"]
+    lines = [
+        f"# Evaluation of `{report['run_dir']}`", "", report["notice"], "",
+        f"Replay `{report['replay']['path']}` (source {report['replay']['source']}, hash "
+        f"`{report['replay']['content_hash'][:16]}...`), split `{report['replay']['split']}`, "
+        f"{describe_action_space(space)} in [{space['low']}, {space['high']}]. Reward: {report['replay']['reward']}.",
+        f"Behaviour density: {report['behavior']['source']}. gamma {s['gamma']}; weight clip {s['clip']}; "
+        f"{s['n_boot']} bootstrap resamples of episodes for the IS intervals. FQE: {fqe0['features']}, "
+        f"{fqe0['n_iterations']} iterations x {fqe0['steps_per_iteration']} steps; interval: {fqe0['interval']}.",
+        "",
+        "## Off-policy estimates",
+        "",
+        f"Logged policy's observed return on these {obs['n_episodes']} episodes: **{obs['mean']:.4f}** "
+        f"[{obs['ci_low']:.4f}, {obs['ci_high']:.4f}] (mean per episode, 95% bootstrap interval).",
+        "",
+        "| policy | acting | FQE | WIS | PDWIS | WDR | observed | simulated (MC +- SE) | ESS | warnings |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for p in report["policies"]:
+        e, w, sim = p["ope"]["estimators"], p["ope"]["weights"], p.get("simulated")
+        sim_text = "unknown" if sim is None else f"{sim['value']:.4f} +- {sim['stderr']:.4f}"
+        ess = "n/a" if w is None else f"{w['ess']:.1f} / {w['n_episodes']}"
+        codes = ", ".join(x["code"] for x in p["ope"]["warnings"]) or "none"
+        lines.append(
+            f"| {p['name']} | {p['acting']} | {_est(e['fqe'])} | {_est(e['wis'])} | {_est(e['pdwis'])} | "
+            f"{_est(e['wdr'])} | {obs['mean']:.4f} | {sim_text} | {ess} | {codes} |"
+        )
+    reasons = sorted({p["ope"]["undefined"] for p in report["policies"] if p["ope"]["undefined"]})
+    if reasons:
+        lines += ["", "Importance sampling undefined: " + "; ".join(reasons) + "."]
+    from cleansepsis.evaluate import _warnings_markdown
+
+    lines += ["", _warnings_markdown(report), "", f"## Doses ({space['unit']}) at the evaluated states", "",
+              "| policy | policy mean | logged mean | mean abs difference | median ratio to logged | within 20% |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for p in report["policies"]:
+        d = p["doses"]
+        lines.append(f"| {p['name']} | {d['policy_mean']:.1f} | {d['logged_mean']:.1f} | {d['mean_abs_difference']:.1f} | "
+                     f"{d['median_ratio']:.3f} | {100 * d['within_20_percent']:.1f}% |")  # fmt: skip
+    lines += ["", "Figure: `forest.png`.", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(run_dir: Path, report: dict[str, Any], args: Any) -> None:
+    write_json(run_dir / "evaluation.json", report, overwrite=args.overwrite)
+    with atomic_file(run_dir / "evaluation.md", overwrite=args.overwrite) as tmp:
+        tmp.write_text(markdown(report))
+    rows = [{"label": p["name"], "estimators": p["ope"]["estimators"],
+             "exact": p["simulated"]["value"] if p.get("simulated") else None} for p in report["policies"]]  # fmt: skip
+    plots.forest_plot(run_dir / "forest.png", rows, title=f"{run_dir.name}: estimates (red: simulated value)",
+                      overwrite=args.overwrite)  # fmt: skip
+
+
+def comparison_table(reports: list[dict[str, Any]]) -> str:
+    """One row per run folder: FQE over its policies, and the simulated values where known."""
+    lines = ["| run | policies | FQE mean (min-max) | observed | simulated mean | warnings |", "|---|---|---|---|---|---|"]
+    for r in reports:
+        learned = [p for p in r["policies"] if p.get("checkpoint")]
+        fqe = np.array([p["ope"]["estimators"]["fqe"]["estimate"] for p in learned])
+        sims = [p["simulated"]["value"] for p in learned if p.get("simulated")]
+        lines.append(
+            f"| {Path(r['run_dir']).name} | {len(learned)} | {fqe.mean():.4f} ({fqe.min():.4f}-{fqe.max():.4f}) | "
+            f"{r['observed_return']['mean']:.4f} | {f'{np.mean(sims):.4f}' if sims else 'unknown'} | "
+            f"{', '.join(r['warnings']) or 'none'} |"
+        )
+    return "\n".join(lines)
+
+
+def is_continuous_report(report: dict[str, Any]) -> bool:
+    return (report.get("action_space") or {}).get("kind") == "continuous"
+

@@ -1,0 +1,490 @@
+"""Off-policy evaluation of continuous-dose policies: fitted Q evaluation, and importance sampling where
+the target has a density.
+
+A target policy is a `ContinuousTarget`: its dose in physical units (mg) at a batch of observations, by
+its mean (`mean_dose`) and, for a stochastic policy, by sampling (`sample`) with its log density per unit
+(`log_density`, mg^-1, the unit of the replay's `behavior_log_density`). Any function obs -> dose makes a
+deterministic target (`deterministic_target`); the simulator's policies are adapted by
+`simulator_target`; checkpoints come in through `cleansepsis.policy.load_policy` (see `evaluate`).
+
+FQE (Le et al. 2019, as in `ope.neural_fqe` but with the dose as an input): Q(s, a) is an MLP on the
+standardised observation and the dose (by default mapped to [-1, 1] by the replay's bounds; or the dose
+and its logarithm, each standardised by the logged doses, see `Scaling`). Each of `n_iterations`
+outer steps (a `lax.scan`) freezes Q_k and regresses Q onto r + gamma * (1 - terminated) * mean_j
+Q_k(s', a'_j) with an inner `lax.scan` of Adam steps on random minibatches, where a'_1..a'_K are the
+target's doses at s' (K = 1 for a deterministic target, its mean; K draws for a stochastic one, drawn once
+before the fit). The estimate is the mean over episodes of mean_j Q(s_0, a_0j). Its interval carries the
+fit's own uncertainty, as the discrete neural FQE's does: the fit is repeated `n_refits` times under one
+`jax.vmap`, each on one resample of the EPISODES (squared errors weighted by how often the episode was
+drawn) from a fresh initialisation and minibatch stream; the interval is estimate +- z * their sd.
+
+Importance sampling (WIS, per-decision WIS, WDR with FQE's Q as the model) reuses `cleansepsis.ope` with
+rho_t = pi_e(a_t|s_t) / pi_b(a_t|s_t), a ratio of densities (both per mg). A deterministic target has no
+density: its ratio is a Dirac delta over a density, zero at every logged dose almost surely, so IS is
+undefined and reported as such (evaluate it by FQE, or evaluate a stochastic version of it). IS also needs
+the logged `behavior_log_density`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cleansepsis import ope
+from cleansepsis.ope import OPEError
+
+# ----------------------------------------------------------------------------------------------
+# Target policies
+
+DoseFn = Callable[[jnp.ndarray], jnp.ndarray]  # (B, obs_dim) raw obs -> (B,) dose in physical units
+
+
+@dataclass(frozen=True)
+class ContinuousTarget:
+    """A continuous-dose policy as batched functions of raw (un-normalised) observations.
+
+    mean_dose: obs (B, d) -> (B,) the dose it gives when acting deterministically (the mean, or the mode
+        for a policy that has no mean).
+    sample: (key, obs (B, d)) -> (B,) doses drawn from the policy; None for a deterministic policy.
+    log_density: (obs (B, d), dose (B,)) -> (B,) log density per unit of the dose; None if unknown.
+    """
+
+    name: str
+    mean_dose: DoseFn
+    sample: Callable[[jax.Array, jnp.ndarray], jnp.ndarray] | None = None
+    log_density: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] | None = None
+
+    @property
+    def stochastic(self) -> bool:
+        return self.sample is not None
+
+
+def deterministic_target(name: str, dose_fn: DoseFn) -> ContinuousTarget:
+    """Any function obs (B, d) -> dose (B,) as a deterministic target."""
+    return ContinuousTarget(name=name, mean_dose=dose_fn)
+
+
+def simulator_target(
+    name: str,
+    policy: Callable,
+    log_density: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] | None = None,
+    mean_dose: DoseFn | None = None,
+) -> ContinuousTarget:
+    """A `cleansepsis.vancomycin` policy(key, obs, state, params) -> (dose, log_density) that acts on obs
+    alone (not the oracle, which reads the hidden state) as a target. With `log_density` (obs, dose) ->
+    log density (per observation) the target is stochastic and `mean_dose` (default: one draw with a
+    fixed key) is what it gives acting deterministically; without it the policy is taken as deterministic."""
+
+    def draw(key: jax.Array, obs: jnp.ndarray) -> jnp.ndarray:
+        keys = jax.random.split(key, obs.shape[0])
+        return jax.vmap(lambda k, o: policy(k, o, None, None)[0])(keys, obs)
+
+    if log_density is None:
+        return ContinuousTarget(name=name, mean_dose=lambda obs: draw(jax.random.key(0), obs))
+    return ContinuousTarget(
+        name=name,
+        mean_dose=mean_dose if mean_dose is not None else (lambda obs: draw(jax.random.key(0), obs)),
+        sample=draw,
+        log_density=jax.vmap(log_density),
+    )
+
+
+def _batched(fn: Callable[[jnp.ndarray], jnp.ndarray], obs: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """fn over rows of obs in chunks (a policy network on 10^5-10^6 rows stays memory-flat)."""
+    parts = [np.asarray(fn(jnp.asarray(obs[i : i + chunk])), np.float64) for i in range(0, len(obs), chunk)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _batched_pairs(fn: Callable, obs: np.ndarray, dose: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """fn(obs, dose) over matching rows in chunks."""
+    parts = [np.asarray(fn(jnp.asarray(obs[i : i + chunk]), jnp.asarray(dose[i : i + chunk])), np.float64)
+             for i in range(0, len(obs), chunk)]  # fmt: skip
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def target_doses(
+    target: ContinuousTarget, obs: np.ndarray, key: jax.Array, n_samples: int, acting: str
+) -> np.ndarray:
+    """(N, K) doses of the target at obs: K = 1 (its mean dose) when acting "mean" or the target is
+    deterministic, else `n_samples` draws."""
+    if acting not in ("mean", "sample"):
+        raise OPEError(f"acting must be 'mean' or 'sample'; got {acting!r}")
+    if acting == "mean" or not target.stochastic:
+        return _batched(target.mean_dose, obs)[:, None]
+    if n_samples < 1:
+        raise OPEError(f"n_action_samples must be at least 1, got {n_samples}")
+    keys = jax.random.split(key, n_samples)
+    return np.stack([_batched(lambda o, k=k: target.sample(k, o), obs) for k in keys], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# FQE
+
+
+@dataclass(frozen=True)
+class ContinuousFQEConfig:
+    hidden: int = 128
+    n_iterations: int = 20  # outer FQE iterations (target refreshes); >= the horizon when gamma is 1
+    steps_per_iteration: int = 300
+    batch_size: int = 512
+    learning_rate: float = 1e-3
+    dose_encoding: str = "bounds"  # or "standardised" (see Scaling); "bounds" is the one validated
+    final_lr_share: float = 0.02  # cosine decay of the rate within each iteration, to this share
+
+
+class ContinuousFQEData(eqx.Module):
+    """Flat arrays FQE regresses on, every input already normalised."""
+
+    obs: jnp.ndarray  # (N, d) standardised
+    dose: jnp.ndarray  # (N, F) logged dose, encoded
+    reward: jnp.ndarray  # (N,)
+    not_done: jnp.ndarray  # (N,) 0 after a terminal step; truncated steps bootstrap
+    next_obs: jnp.ndarray  # (N, d) standardised
+    next_doses: jnp.ndarray  # (N, K, F) target doses at next_obs, encoded
+    episode: jnp.ndarray  # (N,) int32 in 0..E-1, for per-episode bootstrap counts
+    first_rows: jnp.ndarray  # (E,) int32, the t = 0 transition of each episode
+    first_doses: jnp.ndarray  # (E, K, F) target doses at s_0, encoded
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How raw observations and doses become network inputs (from the evaluated data and the replay's
+    action bounds), kept so that Q can be queried at any raw (obs, dose).
+
+    Dose encodings: "bounds" maps the dose to [-1, 1] by the action bounds (one feature); "standardised"
+    gives two features, the dose and log(1 + dose) each standardised by the logged doses, so that the
+    spread of the logged doses, where Q must resolve the action's effect, spans about one unit."""
+
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+    low: float
+    high: float
+    dose_encoding: str
+    dose_mean: float
+    dose_std: float
+    log_dose_mean: float
+    log_dose_std: float
+
+    @property
+    def n_dose_features(self) -> int:
+        return 1 if self.dose_encoding == "bounds" else 2
+
+    def obs(self, obs: Any) -> np.ndarray:
+        return ((np.asarray(obs, np.float64) - self.obs_mean) / self.obs_std).astype(np.float32)
+
+    def dose(self, dose: Any) -> np.ndarray:
+        """(...) raw doses -> (..., n_dose_features) network inputs."""
+        clipped = np.clip(np.asarray(dose, np.float64), self.low, self.high)
+        if self.dose_encoding == "bounds":
+            return (2.0 * (clipped - self.low) / (self.high - self.low) - 1.0)[..., None].astype(np.float32)
+        log_dose = np.log1p(clipped - self.low)
+        return np.stack([(clipped - self.dose_mean) / self.dose_std,
+                         (log_dose - self.log_dose_mean) / self.log_dose_std], -1).astype(np.float32)  # fmt: skip
+
+
+DOSE_ENCODINGS = ("bounds", "standardised")
+
+
+def make_scaling(
+    obs: np.ndarray, next_obs: np.ndarray, dose: np.ndarray, low: float, high: float, dose_encoding: str
+) -> Scaling:
+    if not (np.isfinite(low) and np.isfinite(high) and high > low):
+        raise OPEError(f"action bounds must be finite with high > low; got [{low}, {high}]")
+    if dose_encoding not in DOSE_ENCODINGS:
+        raise OPEError(f"dose_encoding must be one of {DOSE_ENCODINGS}; got {dose_encoding!r}")
+    both = np.concatenate([np.asarray(obs, np.float64), np.asarray(next_obs, np.float64)])
+    std = both.std(0)
+    logged = np.clip(np.asarray(dose, np.float64), low, high)
+    log_dose = np.log1p(logged - low)
+
+    def spread(x):
+        return float(x.std()) if x.std() > 1e-6 else 1.0
+
+    return Scaling(both.mean(0), np.where(std > 1e-6, std, 1.0), float(low), float(high), dose_encoding,
+                   float(logged.mean()), spread(logged), float(log_dose.mean()), spread(log_dose))  # fmt: skip
+
+
+class DoseQNetwork(eqx.Module):
+    layers: list
+
+    def __init__(self, obs_dim: int, n_dose_features: int, hidden: int, key: jax.Array):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.layers = [
+            eqx.nn.Linear(obs_dim + n_dose_features, hidden, key=k1),
+            eqx.nn.Linear(hidden, hidden, key=k2),
+            eqx.nn.Linear(hidden, "scalar", key=k3),
+        ]
+
+    def __call__(self, obs: jnp.ndarray, dose: jnp.ndarray) -> jnp.ndarray:  # (d,), (F,) -> ()
+        x = jnp.concatenate([obs, dose])
+        for layer in self.layers[:-1]:
+            x = jax.nn.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def _q_many(network: DoseQNetwork, obs: jnp.ndarray, doses: jnp.ndarray) -> jnp.ndarray:
+    """Q at (B, d) obs for each of (B, K, F) encoded doses -> (B, K)."""
+    return jax.vmap(lambda o, ds: jax.vmap(lambda d: network(o, d))(ds))(obs, doses)
+
+
+def continuous_fqe(
+    data: ContinuousFQEData,
+    gamma: float,
+    key: jax.Array,
+    config: ContinuousFQEConfig = ContinuousFQEConfig(),
+    counts: jnp.ndarray | None = None,
+) -> tuple[jnp.ndarray, DoseQNetwork, jnp.ndarray]:
+    """One FQE fit (pure; jit or vmap it). `counts` (E,) weights each episode (a bootstrap resample;
+    None: every episode once). Returns (value, network, mean loss per iteration)."""
+    init_key, train_key = jax.random.split(key)
+    model = DoseQNetwork(data.obs.shape[1], data.dose.shape[1], config.hidden, init_key)
+    params, static = eqx.partition(model, eqx.is_array)
+    # each iteration is a regression of its own: Adam restarts, its rate decays to a small share, so the
+    # fit ends near the minimiser instead of wherever the last noisy step left it (a bias in the mean)
+    schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps_per_iteration, config.final_lr_share)
+    optimiser = optax.adam(schedule)
+    n = data.obs.shape[0]
+    counts = jnp.ones(data.first_rows.shape[0], jnp.float32) if counts is None else counts
+    row_weight = counts[data.episode]  # (N,)
+
+    def loss_fn(p, idx, target):
+        network = eqx.combine(p, static)
+        q = jax.vmap(network)(data.obs[idx], data.dose[idx])  # (B,)
+        w = row_weight[idx]
+        return jnp.sum(w * (q - target) ** 2) / jnp.maximum(w.sum(), 1e-6)
+
+    def outer(p, key):
+        frozen = eqx.combine(p, static)
+
+        def inner(c, k):
+            p, opt_state = c
+            idx = jax.random.randint(k, (config.batch_size,), 0, n)
+            next_value = _q_many(frozen, data.next_obs[idx], data.next_doses[idx]).mean(-1)  # (B,)
+            target = data.reward[idx] + gamma * data.not_done[idx] * next_value
+            loss, grads = jax.value_and_grad(loss_fn)(p, idx, target)
+            updates, opt_state = optimiser.update(grads, opt_state, p)
+            return (optax.apply_updates(p, updates), opt_state), loss
+
+        keys = jax.random.split(key, config.steps_per_iteration)
+        (p, _), losses = jax.lax.scan(inner, (p, optimiser.init(p)), keys)
+        return p, losses.mean()
+
+    keys = jax.random.split(train_key, config.n_iterations)
+    params, losses = jax.lax.scan(outer, params, keys)
+    network = eqx.combine(params, static)
+    v0 = _q_many(network, data.obs[data.first_rows], data.first_doses).mean(-1)  # (E,)
+    return (counts * v0).sum() / counts.sum(), network, losses
+
+
+_continuous_fqe_jit = eqx.filter_jit(continuous_fqe)
+
+
+@eqx.filter_jit
+def _continuous_fqe_refits(data, gamma, keys, counts, config):
+    """One refit per row of `counts`, each from its own initialisation and minibatches, under one vmap."""
+    return jax.vmap(lambda k, c: continuous_fqe(data, gamma, k, config, c)[0])(keys, counts)
+
+
+def make_continuous_fqe_data(
+    obs: np.ndarray,
+    dose: np.ndarray,
+    reward: np.ndarray,
+    next_obs: np.ndarray,
+    terminated: np.ndarray,
+    layout: ope.EpisodeLayout,
+    next_doses: np.ndarray,
+    first_doses: np.ndarray,
+    scaling: Scaling,
+) -> ContinuousFQEData:
+    n = len(reward)
+    episode_of_row = np.zeros(n, np.int32)
+    episode_of_row[layout.rows[layout.valid]] = np.repeat(np.arange(layout.n_episodes), layout.lengths)
+    return ContinuousFQEData(
+        obs=jnp.asarray(scaling.obs(obs)),
+        dose=jnp.asarray(scaling.dose(dose)),
+        reward=jnp.asarray(reward, jnp.float32),
+        not_done=jnp.asarray(1.0 - np.asarray(terminated, np.float32)),
+        next_obs=jnp.asarray(scaling.obs(next_obs)),
+        next_doses=jnp.asarray(scaling.dose(next_doses)),
+        episode=jnp.asarray(episode_of_row),
+        first_rows=jnp.asarray(layout.first_rows, jnp.int32),
+        first_doses=jnp.asarray(scaling.dose(first_doses)),
+    )
+
+
+def continuous_fqe_estimate(
+    fqe_data: ContinuousFQEData,
+    gamma: float,
+    key: jax.Array,
+    counts: jnp.ndarray,
+    config: ContinuousFQEConfig = ContinuousFQEConfig(),
+    n_refits: int = 10,
+    level: float = 0.95,
+) -> tuple[dict[str, Any], DoseQNetwork]:
+    """FQE's estimate and its interval from `n_refits` refits on the first rows of `counts` (episode
+    resamples). n_refits 0 or 1: no interval (NaN bounds), said in the result."""
+    if n_refits < 0:
+        raise OPEError(f"n_refits must be >= 0, got {n_refits}")
+    value, network, losses = _continuous_fqe_jit(fqe_data, float(gamma), key, config)
+    result: dict[str, Any] = {
+        "estimate": float(value),
+        "features": f"MLP on (standardised obs, dose encoded {config.dose_encoding!r}) ({config.hidden}x2, relu)",
+        "n_iterations": config.n_iterations,
+        "steps_per_iteration": config.steps_per_iteration,
+        "final_loss": float(losses[-1]),
+        "n_action_samples": int(fqe_data.next_doses.shape[1]),
+    }
+    n_refits = min(n_refits, int(counts.shape[0]))
+    if n_refits >= 2:
+        keys = jax.random.split(jax.random.fold_in(key, 1), n_refits)
+        refits = np.asarray(_continuous_fqe_refits(fqe_data, float(gamma), keys, counts[:n_refits], config))
+        spread = float(np.std(refits, ddof=1))
+        z = float(jax.scipy.stats.norm.ppf((1 + level) / 2))
+        result.update(
+            ci_low=float(value) - z * spread, ci_high=float(value) + z * spread, boot_std=spread,
+            n_refits=n_refits,
+            interval=f"estimate +- {z:.2f} sd of {n_refits} refits on episode resamples (fresh init each)",
+        )  # fmt: skip
+    else:
+        result.update(ci_low=float("nan"), ci_high=float("nan"), boot_std=float("nan"), n_refits=n_refits,
+                      interval="none (fewer than 2 refits)")  # fmt: skip
+    return result, network
+
+
+def q_values(network: DoseQNetwork, scaling: Scaling, obs: np.ndarray, doses: np.ndarray) -> np.ndarray:
+    """Q at raw obs (N, d) for raw doses (N, K) -> (N, K), in chunks."""
+    q = eqx.filter_jit(_q_many)
+    o, d = scaling.obs(obs), scaling.dose(doses)
+    parts = [np.asarray(q(network, jnp.asarray(o[i : i + 65_536]), jnp.asarray(d[i : i + 65_536])))
+             for i in range(0, len(o), 65_536)]  # fmt: skip
+    return np.concatenate(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything for one target policy
+
+
+def _undefined(reason: str) -> dict[str, Any]:
+    nan = float("nan")
+    return {"estimate": nan, "ci_low": nan, "ci_high": nan, "ci_basic": [nan, nan], "boot_std": nan,
+            "undefined": reason}  # fmt: skip
+
+
+def is_undefined_reason(
+    target: ContinuousTarget, acting: str, behavior_log_density: np.ndarray | None
+) -> str | None:
+    """Why importance sampling cannot evaluate this target on this data, or None when it can."""
+    if acting == "mean" or not target.stochastic:
+        return (
+            "the target is deterministic (acting by its mean dose): pi_e(a|s) is a point mass, so the ratio to "
+            "the behaviour density is zero at every logged dose almost surely and importance sampling is undefined"
+        )
+    if target.log_density is None:
+        return "the target's density is unknown: importance sampling needs pi_e(a|s)"
+    if behavior_log_density is None:
+        return "the replay has no behavior_log_density: importance sampling needs the logging policy's density"
+    bad = ~np.isfinite(np.asarray(behavior_log_density, np.float64))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        return (
+            f"behavior_log_density of transition {i} is {behavior_log_density[i]}: importance sampling needs the "
+            "logging policy's density at every logged dose"
+        )
+    return None
+
+
+def continuous_off_policy_evaluation(
+    data: Any,
+    target: ContinuousTarget,
+    *,
+    low: float,
+    high: float,
+    gamma: float,
+    behavior_log_density: np.ndarray | None = None,
+    acting: str = "mean",
+    n_action_samples: int = 4,
+    clip: float | None = None,
+    n_boot: int = 200,
+    key: jax.Array | None = None,
+    config: ContinuousFQEConfig = ContinuousFQEConfig(),
+    n_refits: int = 10,
+) -> dict[str, Any]:
+    """Estimate the value of a continuous-dose target policy on logged transitions (`data`: a
+    `replay.Transitions` whose `action` is the dose in physical units within [low, high]).
+
+    acting: "mean" evaluates the policy acting by its mean dose (deterministic), "sample" the stochastic
+    policy (FQE averages Q over `n_action_samples` draws at every next state; WIS, PDWIS and WDR need its
+    log_density and the logged `behavior_log_density`). Every estimator sees the same episode resamples.
+    The result's `warnings` list the small-data problems (`ope.small_data_warnings`), `observed_return` is
+    the logged policy's mean return per episode, `undefined` says why IS was not computed (or None)."""
+    if acting not in ("mean", "sample"):
+        raise OPEError(f"acting must be 'mean' or 'sample'; got {acting!r}")
+    action = np.asarray(data.action)
+    if not np.issubdtype(action.dtype, np.floating):
+        raise OPEError(
+            f"the logged actions are {action.dtype} (discrete action indices); continuous OPE needs doses: "
+            "evaluate discrete policies with cleansepsis.ope.off_policy_evaluation"
+        )
+    key = jax.random.key(0) if key is None else key
+    k_boot, k_fqe, k_next, k_first, k_state = (jax.random.fold_in(key, i) for i in range(5))
+    obs, next_obs = np.asarray(data.obs), np.asarray(data.next_obs)
+    reward = np.asarray(data.reward, np.float32)
+    layout = ope.episode_layout(data.episode_id, data.t)
+    counts = ope.bootstrap_counts(k_boot, layout.n_episodes, n_boot)
+    scaling = make_scaling(obs, next_obs, action, low, high, config.dose_encoding)
+
+    next_doses = target_doses(target, next_obs, k_next, n_action_samples, acting)
+    first_doses = target_doses(target, obs[layout.first_rows], k_first, n_action_samples, acting)
+    fqe_data = make_continuous_fqe_data(
+        obs, action, reward, next_obs, np.asarray(data.terminated), layout, next_doses, first_doses, scaling
+    )
+    fqe_result, network = continuous_fqe_estimate(fqe_data, gamma, k_fqe, counts, config, n_refits)
+
+    undefined = is_undefined_reason(target, acting, behavior_log_density)
+    if undefined is None:
+        state_doses = target_doses(target, obs, k_state, n_action_samples, acting)
+        log_target = _batched_pairs(target.log_density, obs, action)
+        log_rho = np.asarray(log_target, np.float64) - np.asarray(behavior_log_density, np.float64)
+        rho = np.exp(np.minimum(log_rho, 60.0))  # a ratio above e^60 is as dominant as infinity, and finite
+        q_logged = q_values(network, scaling, obs, action[:, None])[:, 0]
+        v_state = q_values(network, scaling, obs, state_doses).mean(1)
+        v_next = q_values(network, scaling, next_obs, next_doses).mean(1)
+        inputs = ope.make_is_inputs(
+            layout, reward, rho, np.ones_like(rho), gamma, clip, q_logged=q_logged, v_state=v_state,
+            v_next=v_next, truncated=np.asarray(data.truncated),
+        )  # fmt: skip
+        estimates = ope.is_estimates(inputs, counts)
+        weights = ope.weight_stats(inputs)
+        warnings = ope.small_data_warnings(weights)
+    else:
+        estimates = {name: _undefined(undefined) for name in ("wis", "pdwis", "wdr")}
+        weights = None
+        # no weights: only the held-out-size warning can fire
+        neutral = {"n_episodes": layout.n_episodes, "ess": float(layout.n_episodes), "max_weight": 1.0,
+                   "max_weight_share": 0.0}  # fmt: skip
+        warnings = ope.small_data_warnings(neutral)
+    estimates["fqe"] = fqe_result
+    returns = layout.pad(reward) * gamma ** np.arange(layout.rows.shape[1])
+    return {
+        "estimators": estimates,
+        "weights": weights,
+        "warnings": warnings,
+        "undefined": undefined,
+        "observed_return": float(returns.sum(1).mean()),
+        "acting": acting,
+        "n_action_samples": int(next_doses.shape[1]),
+        "clip": clip,
+        "gamma": gamma,
+        "n_boot": n_boot,
+        "n_episodes": layout.n_episodes,
+        "n_transitions": len(reward),
+        "target_doses": first_doses[:, 0],  # (E,) the target's dose at each s_0; not JSON
+        "state_doses": _batched(target.mean_dose, obs),  # (N,) its mean dose at each logged state; not JSON
+    }

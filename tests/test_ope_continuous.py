@@ -1,0 +1,168 @@
+"""Continuous-dose OPE (cleansepsis.ope_continuous) on a two-step problem whose value is known in closed form."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cleansepsis import ope_continuous as oc
+from cleansepsis.ope import OPEError
+from cleansepsis.replay import Transitions
+
+# Two steps. A patient has x ~ U(X_LOW, X_HIGH); obs = (x, t). Step 0: dose a0 in [0, 10] mg, reward
+# -(a0 / 10 - x)^2, and the next obs is (y, 1) with y = a0 / 10 (the action moves the state). Step 1: dose a1,
+# reward y - (a1 / 10 - y)^2, then the episode ends. A policy dosing a = 10 u x0 (u drawn per step) has
+# value E[u1] E[x] - E[(u1 - 1)^2] E[x^2] - E[(u2 - 1)^2] E[u1^2] E[x^2] (u1 at step 0, u2 at step 1).
+X_LOW, X_HIGH = 0.1, 1.0
+EX = (X_LOW + X_HIGH) / 2
+EX2 = (X_LOW**2 + X_LOW * X_HIGH + X_HIGH**2) / 3
+BEHAVIOUR_U = (0.5, 1.5)  # the logging policy: u ~ U(0.5, 1.5)
+HIGH_DOSE = 10.0
+
+
+def true_value(u_low: float, u_high: float) -> float:
+    """Value of the policy a = 10 u obs[0] with u ~ U(u_low, u_high) at both steps (u_low = u_high: fixed)."""
+    mean_u = (u_low + u_high) / 2
+    mean_u2 = (u_low**2 + u_low * u_high + u_high**2) / 3
+    mean_sq_dev = mean_u2 - 2 * mean_u + 1  # E[(u - 1)^2]
+    return mean_u * EX - mean_sq_dev * EX2 - mean_sq_dev * mean_u2 * EX2
+
+
+def uniform_scale_log_density(u_low: float, u_high: float):
+    def log_density(obs, dose):
+        base = HIGH_DOSE * obs[:, 0]
+        inside = (dose >= u_low * base) & (dose <= u_high * base)
+        return jnp.where(inside, -jnp.log(base * (u_high - u_low)), -jnp.inf)
+
+    return log_density
+
+
+def logged_data(n_episodes: int, seed: int = 0, integer_actions: bool = False) -> Transitions:
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(X_LOW, X_HIGH, n_episodes)
+    u0, u1 = rng.uniform(*BEHAVIOUR_U, (2, n_episodes))
+    a0 = HIGH_DOSE * u0 * x
+    y = a0 / HIGH_DOSE
+    a1 = HIGH_DOSE * u1 * y
+    obs = np.stack([np.stack([x, np.zeros_like(x)], 1), np.stack([y, np.ones_like(y)], 1)], 1)  # (E, 2, 2)
+    next_obs = np.stack([obs[:, 1], np.stack([y, np.full_like(y, 2.0)], 1)], 1)
+    reward = np.stack([-((a0 / HIGH_DOSE - x) ** 2), y - (a1 / HIGH_DOSE - y) ** 2], 1)
+    dose = np.stack([a0, a1], 1)
+    log_density = np.stack([-np.log(HIGH_DOSE * x), -np.log(HIGH_DOSE * y)], 1)  # U(0.5, 1.5) has width 1
+    n = 2 * n_episodes
+    action = np.round(dose).astype(np.int32) if integer_actions else dose.astype(np.float32)
+    return Transitions(
+        obs=jnp.asarray(obs.reshape(n, 2), jnp.float32),
+        action=jnp.asarray(action.reshape(n)),
+        reward=jnp.asarray(reward.reshape(n), jnp.float32),
+        next_obs=jnp.asarray(next_obs.reshape(n, 2), jnp.float32),
+        terminated=jnp.asarray(np.tile([False, True], n_episodes)),
+        truncated=jnp.zeros(n, bool),
+        episode_id=jnp.repeat(jnp.arange(n_episodes, dtype=jnp.int32), 2),
+        t=jnp.tile(jnp.arange(2, dtype=jnp.int32), n_episodes),
+        split=jnp.zeros(n, jnp.int8),
+        state_index=jnp.full(n, -1, jnp.int32),
+        next_state_index=jnp.full(n, -1, jnp.int32),
+        behavior_prob=jnp.full(n, jnp.nan, jnp.float32),
+        action_mask=jnp.ones((n, 0), bool),
+        next_action_mask=jnp.ones((n, 0), bool),
+        behavior_log_density=jnp.asarray(log_density.reshape(n), jnp.float32),
+    )
+
+
+def scaled_target(u_low: float, u_high: float) -> oc.ContinuousTarget:
+    """a = 10 u obs[0]: deterministic when u_low == u_high, else u ~ U(u_low, u_high) with its density."""
+    mean = oc.deterministic_target("", lambda obs: HIGH_DOSE * (u_low + u_high) / 2 * obs[:, 0]).mean_dose
+    if u_low == u_high:
+        return oc.deterministic_target(f"u = {u_low}", mean)
+    return oc.ContinuousTarget(
+        name=f"u ~ U({u_low}, {u_high})",
+        mean_dose=mean,
+        sample=lambda key, obs: HIGH_DOSE * jax.random.uniform(key, (obs.shape[0],), minval=u_low, maxval=u_high)
+        * obs[:, 0],
+        log_density=uniform_scale_log_density(u_low, u_high),
+    )
+
+
+CONFIG = oc.ContinuousFQEConfig(hidden=32, n_iterations=4, steps_per_iteration=300, batch_size=256,
+                                learning_rate=3e-3)  # fmt: skip
+
+
+def evaluate(data, target, acting, seed=0, n_refits=2, config=CONFIG):
+    return oc.continuous_off_policy_evaluation(
+        data, target, low=0.0, high=HIGH_DOSE, gamma=1.0,
+        behavior_log_density=np.asarray(data.behavior_log_density), acting=acting, n_action_samples=4,
+        n_boot=50, key=jax.random.key(seed), config=config, n_refits=n_refits,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data():
+    return logged_data(1500)
+
+
+def test_closed_form_matches_a_monte_carlo_of_the_problem():
+    # the formula the other tests rest on, against a plain simulation of the two steps
+    rng = np.random.default_rng(1)
+    x = rng.uniform(X_LOW, X_HIGH, 400_000)
+    u1, u2 = rng.uniform(0.7, 1.1, (2, x.size))
+    y = u1 * x
+    returns = -((y - x) ** 2) + y - (u2 * y - y) ** 2
+    assert returns.mean() == pytest.approx(true_value(0.7, 1.1), abs=2e-3)
+
+
+def test_fqe_recovers_the_value_of_a_deterministic_dose_rule_and_says_is_is_undefined(data):
+    truth = true_value(0.8, 0.8)
+    result = evaluate(data, scaled_target(0.8, 0.8), "mean")
+    fqe = result["estimators"]["fqe"]
+    assert fqe["estimate"] == pytest.approx(truth, abs=0.02)
+    # the behaviour's own return is far from it, so this is not FQE echoing the data
+    assert abs(result["observed_return"] - truth) > 0.04
+    assert fqe["ci_low"] < fqe["estimate"] < fqe["ci_high"] and fqe["n_refits"] == 2
+    assert "deterministic" in result["undefined"] and result["weights"] is None
+    for name in ("wis", "pdwis", "wdr"):
+        assert np.isnan(result["estimators"][name]["estimate"])
+        assert "importance sampling is undefined" in result["estimators"][name]["undefined"]
+
+
+def test_fqe_wis_and_wdr_recover_the_value_of_a_stochastic_policy(data):
+    truth = true_value(0.7, 1.1)
+    result = evaluate(data, scaled_target(0.7, 1.1), "sample")
+    assert result["undefined"] is None and result["n_action_samples"] == 4
+    est = result["estimators"]
+    assert est["fqe"]["estimate"] == pytest.approx(truth, abs=0.02)
+    assert est["wdr"]["estimate"] == pytest.approx(truth, abs=0.02)
+    assert est["wis"]["estimate"] == pytest.approx(truth, abs=0.05)
+    # the ratio of two uniform densities: zero outside the target's band, so some episodes weigh nothing
+    assert 0 < result["weights"]["share_zero_weight"] < 1
+    for name in ("wis", "wdr"):
+        assert est[name]["ci_low"] - 0.02 <= truth <= est[name]["ci_high"] + 0.02
+
+
+def test_without_the_behaviour_density_only_fqe_runs(data):
+    result = oc.continuous_off_policy_evaluation(
+        data, scaled_target(0.7, 1.1), low=0.0, high=HIGH_DOSE, gamma=1.0, acting="sample",
+        config=CONFIG, n_refits=0, n_boot=10,
+    )  # fmt: skip
+    assert "behavior_log_density" in result["undefined"]
+    assert np.isfinite(result["estimators"]["fqe"]["estimate"]) and np.isnan(result["estimators"]["wis"]["estimate"])
+
+
+def test_discrete_actions_are_one_clear_error():
+    with pytest.raises(OPEError, match="discrete action indices"):
+        evaluate(logged_data(20, integer_actions=True), scaled_target(0.8, 0.8), "mean")
+    with pytest.raises(OPEError, match="acting"):
+        evaluate(logged_data(20), scaled_target(0.8, 0.8), "greedy")
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers():
+    small = logged_data(100, seed=3)
+    tiny = oc.ContinuousFQEConfig(hidden=8, n_iterations=2, steps_per_iteration=20, batch_size=64)
+    first = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=5, config=tiny)
+    again = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=5, config=tiny)
+    other = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=6, config=tiny)
+    for name in ("fqe", "wis", "wdr"):
+        assert first["estimators"][name] == again["estimators"][name]
+    assert first["estimators"]["fqe"]["estimate"] != other["estimators"]["fqe"]["estimate"]
