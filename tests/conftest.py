@@ -24,6 +24,20 @@ def pytest_configure(config):
     jax.devices()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs_after_each_module():
+    """Drop JAX's in-memory compiled programs and traces when a test module ends. They are kept for the
+    whole process otherwise, and the suite's peak memory grew by every module's programs; a module's own
+    tests still share them (and tests that count traces count within one module)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def make_tiny_replay(n_episodes: int = 4, steps: int = 3, seed: int = 0) -> tuple[pl.DataFrame, dict]:
     """A valid replay of `n_episodes` x `steps` transitions with random observations, and its metadata."""
     rng = np.random.default_rng(seed)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -19,8 +16,6 @@ import bc
 from cleansepsis import runs
 from cleansepsis.checkpoint import load_checkpoint, network_forward
 from cleansepsis.replay import load_replay, write_replay
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_nll_and_accuracy_match_numpy():
@@ -69,22 +64,21 @@ def test_bandit_clone_reaches_the_logged_probabilities(tmp_path):
     np.testing.assert_allclose(np.asarray(metrics["val_accuracy"])[0, :, -1], np.mean(action[2400:] == 0), atol=1e-6)
 
 
-def _run(*argv, cwd):
-    return subprocess.run([sys.executable, str(REPO / "bc.py"), *argv], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
-
-
 @pytest.mark.slow
-def test_cli_on_a_small_icu_sepsis_replay_reports_held_out_metrics_and_checkpoints(tmp_path):
+def test_cli_on_a_small_icu_sepsis_replay_reports_held_out_metrics_and_checkpoints(tmp_path, capsys, monkeypatch):
+    """In-process through the same runs.cli_main the script runs under (a subprocess would pay the imports
+    again; tests/test_runs.py's fork test runs a learner script in its own process)."""
     from cleansepsis.icu_replay import make_clinician_replay
 
     frame, meta = make_clinician_replay(300, seed=2, val_frac=0.2, test_frac=0.2)
     write_replay(tmp_path / "icu.parquet", frame, meta)
-    out = _run("--replay", "icu.parquet", "--learning-rate", "1e-3", "3e-3", "--num-seeds", "2", "--num-updates",
-               "40", "--eval-every", "20", "--hidden", "16", "--run-dir", "run", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    monkeypatch.chdir(tmp_path)
+    argv = ["--replay", "icu.parquet", "--learning-rate", "1e-3", "3e-3", "--num-seeds", "2", "--num-updates",
+            "40", "--eval-every", "20", "--hidden", "16", "--run-dir", "run"]
+    runs.cli_main(lambda: bc.main(argv))  # raises SystemExit on a failure
+    printed = capsys.readouterr()
     for word in ("val_accuracy", "test_nll", "greedy_return", "clinician"):
-        assert word in out.stdout
+        assert word in printed.out
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert len(summary["runs"]) == 4 and summary["updates_per_policy"] == 40

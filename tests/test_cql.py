@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import equinox as eqx
@@ -21,8 +19,6 @@ from cleansepsis.checkpoint import load_checkpoint, network_forward
 from cleansepsis.full_batch import full_batch as make_full_batch
 from cleansepsis.networks import MLP, export_mlp
 from cleansepsis.replay import Transitions, distinct_transitions, write_replay
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_transitions(obs, action, reward, next_obs, terminated, action_mask=None, next_action_mask=None):
@@ -285,24 +281,21 @@ def write_bandit_replay(path: Path, n=400) -> Path:
     return path
 
 
-def run_script(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "cql.py"), *argv], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-
-
 @pytest.mark.parametrize("full_batch", [False, True])
-def test_smoke_run_writes_run_folder(tmp_path, full_batch):
+def test_smoke_run_writes_run_folder(tmp_path, full_batch, capsys):
+    """In-process through the same runs.cli_main the script runs under (a subprocess would pay the imports
+    again; tests/test_runs.py's fork test runs a learner script in its own process)."""
     replay = write_bandit_replay(tmp_path / "bandit.parquet")
     out = tmp_path / "run"
-    result = run_script(
+    argv = [
         "--replay", str(replay), "--alpha", "0.1", "1", "--num-seeds", "2", "--num-updates", "40",
         "--eval-every", "20", "--batch-size", "16", "--hidden", "8", "--run-dir", str(out),
         *(["--full-batch"] if full_batch else []),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert ("cql: full batch (--full-batch" in result.stderr) == full_batch
-    assert ("cql: minibatch (" in result.stderr) != full_batch
+    ]  # fmt: skip
+    runs.cli_main(lambda: cql.main(argv))  # raises SystemExit on a failure
+    result = capsys.readouterr()
+    assert ("cql: full batch (--full-batch" in result.err) == full_batch
+    assert ("cql: minibatch (" in result.err) != full_batch
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["runs"]) == 4
     assert sorted(round(r["hparams"]["alpha"], 4) for r in summary["runs"]) == [0.1, 0.1, 1.0, 1.0]

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -20,8 +17,6 @@ from test_cql import chain
 import dqn
 from cleansepsis import online, runs
 from cleansepsis.checkpoint import load_checkpoint, network_forward, save_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_td_target_matches_numpy_double_and_plain_with_mask():
@@ -117,14 +112,13 @@ def test_dueling_checkpoint_forward_equals_network(tmp_path):
 
 
 def test_online_smoke_run_writes_run_folder(tmp_path):
+    """In-process through the same runs.cli_main the script runs under (a subprocess would pay the imports
+    again; tests/test_runs.py's fork test runs a learner script in its own process)."""
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "dqn.py"), "--num-envs", "16", "--learning-starts", "160",
-         "--total-env-steps", "800", "--eval-every", "20", "--hidden", "16", "--num-seeds", "2",
-         "--batch-size", "32", "--buffer-size", "480", "--prioritized", "--dueling", "--run-dir", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    argv = ["--num-envs", "16", "--learning-starts", "160", "--total-env-steps", "800", "--eval-every", "20",
+            "--hidden", "16", "--num-seeds", "2", "--batch-size", "32", "--buffer-size", "480", "--prioritized",
+            "--dueling", "--run-dir", str(out)]  # fmt: skip
+    runs.cli_main(lambda: dqn.main(argv))  # raises SystemExit on a failure
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["runs"]) == 2
     for run in summary["runs"]:

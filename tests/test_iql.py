@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -21,8 +18,6 @@ from cleansepsis.checkpoint import load_checkpoint, network_forward, save_checkp
 from cleansepsis.full_batch import full_batch
 from cleansepsis.networks import export_mlp
 from cleansepsis.replay import distinct_transitions, load_replay, write_replay
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_expectile_loss_matches_numpy():
@@ -150,22 +145,21 @@ def test_chain_answer_seeds_no_retrace_and_checkpoint(tmp_path):
     np.testing.assert_allclose(network_forward(tensors, config["network"], obs), expected, rtol=1e-5, atol=1e-6)
 
 
-def _run(*argv, cwd):
-    return subprocess.run([sys.executable, str(REPO / "iql.py"), *argv], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
-
-
 @pytest.mark.slow
-def test_cli_on_a_small_icu_sepsis_replay_writes_the_run_folder(tmp_path):
-    """With minibatches; the full-batch CLI run is tests/test_runs.py's fork test."""
+def test_cli_on_a_small_icu_sepsis_replay_writes_the_run_folder(tmp_path, capsys, monkeypatch):
+    """With minibatches; the full-batch CLI run, as a script in its own process, is tests/test_runs.py's fork
+    test. Here in-process through the same runs.cli_main the script runs under (a subprocess would pay the
+    imports again)."""
     from cleansepsis.icu_replay import make_clinician_replay
 
     frame, meta = make_clinician_replay(200, seed=1)
     write_replay(tmp_path / "icu.parquet", frame, meta)
-    out = _run("--replay", "icu.parquet", "--tau", "0.7", "0.9", "--num-seeds", "2", "--num-updates", "20",
-               "--eval-every", "10", "--hidden", "16", "--run-dir", "run", "--minibatch", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "clinician" in out.stdout and "tau=0.9" in out.stdout
+    monkeypatch.chdir(tmp_path)
+    argv = ["--replay", "icu.parquet", "--tau", "0.7", "0.9", "--num-seeds", "2", "--num-updates", "20",
+            "--eval-every", "10", "--hidden", "16", "--run-dir", "run", "--minibatch"]
+    runs.cli_main(lambda: iql.main(argv))  # raises SystemExit on a failure
+    printed = capsys.readouterr()
+    assert "clinician" in printed.out and "tau=0.9" in printed.out
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == {"summary.json", "metrics.parquet", "curves.png", "checkpoints"}
     summary = json.loads((run / "summary.json").read_text())

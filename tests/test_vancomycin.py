@@ -1,6 +1,8 @@
 """The vancomycin simulator: exact PK against a numerical ODE solution, the behaviour density, the oracle,
 the AKI link, what the observation hides, and the Gymnasium class."""
 
+import functools
+
 import equinox as eqx
 import gymnasium
 import jax
@@ -75,7 +77,8 @@ def test_clinician_density_integrates_to_one_and_matches_its_samples():
     density = jnp.exp(V.clinician_log_density(obs, grid))
     assert float(jnp.trapezoid(density, grid)) == pytest.approx(1.0, abs=2e-3)
     keys = jax.random.split(jax.random.PRNGKey(6), 20_000)
-    doses, log_dens = jax.vmap(lambda k: V.clinician_policy(k, obs, state, PARAMS))(keys)
+    # jitted: one program instead of one dispatch (and small compile) per operation of the vmapped policy
+    doses, log_dens = jax.jit(jax.vmap(lambda k: V.clinician_policy(k, obs, state, PARAMS)))(keys)
     np.testing.assert_allclose(np.asarray(log_dens), np.asarray(V.clinician_log_density(obs, doses)), rtol=1e-5)
     # the empirical CDF of the samples against the density's integral (Kolmogorov-Smirnov distance)
     cdf = np.cumsum(np.asarray(density)) * float(grid[1] - grid[0])
@@ -86,7 +89,8 @@ def test_clinician_density_integrates_to_one_and_matches_its_samples():
 
 def test_oracle_puts_every_daily_auc_at_the_middle_of_the_target():
     params = eqx.tree_at(lambda p: p.aki_rate_per_day, PARAMS, 0.0)
-    records = V.rollout_jit(jax.random.PRNGKey(1), params, V.oracle_policy, 500)
+    # 2000 patients: the program test_rollouts_... compiles for the oracle (params are traced, not static)
+    records = V.rollout_jit(jax.random.PRNGKey(1), params, V.oracle_policy, 2000)
     auc, dose = np.asarray(records["auc24"]), np.asarray(records["dose"])
     capped = dose >= V.DOSE_MAX_MG - 1.0  # a high-clearance patient may need more than the maximum dose
     free = ~capped
@@ -97,16 +101,23 @@ def test_oracle_puts_every_daily_auc_at_the_middle_of_the_target():
     assert float(records["aki"].sum()) == 0.0
 
 
+@functools.partial(jax.jit, static_argnames="n_patients")
+def _fixed_dose_rollout(key, params, dose_mg, n_patients):
+    """V.rollout under V.fixed_dose_policy with the dose traced: one compiled program for every dose (a
+    new fixed_dose_policy closure is a new static argument of V.rollout_jit, and compiles again)."""
+    return V.rollout(key, params, V.fixed_dose_policy(dose_mg), n_patients)
+
+
 def test_aki_hazard_rises_with_exposure_and_feeds_back_into_clearance():
     key = jax.random.PRNGKey(2)
-    low = V.rollout_jit(key, PARAMS, V.fixed_dose_policy(500.0), 2000)
-    high = V.rollout_jit(key, PARAMS, V.fixed_dose_policy(2500.0), 2000)
+    low = _fixed_dose_rollout(key, PARAMS, 500.0, 2000)
+    high = _fixed_dose_rollout(key, PARAMS, 2500.0, 2000)
     assert float(high["aki"].mean()) > 5 * float(low["aki"].mean())
     state = _patient(4)
     injured = eqx.tree_at(lambda s: s.kidney, state, jnp.float32(PARAMS.aki_gfr_factor))
     assert float(V.pk_parameters(injured, PARAMS).cl) < float(V.pk_parameters(state, PARAMS).cl)
     off = eqx.tree_at(lambda p: p.aki_rate_per_day, PARAMS, 0.0)
-    assert float(V.rollout_jit(key, off, V.fixed_dose_policy(2500.0), 500)["aki"].sum()) == 0.0
+    assert float(_fixed_dose_rollout(key, off, 2500.0, 2000)["aki"].sum()) == 0.0
 
 
 def test_observation_hides_the_pk_parameters():
@@ -126,8 +137,9 @@ def test_rewards_follow_the_documented_target_bands():
 
 def test_rollouts_are_reproducible_and_values_order_the_reference_policies():
     key = jax.random.PRNGKey(0)
-    first = V.rollout_jit(key, PARAMS, V.clinician_policy, 300)
-    again = V.rollout_jit(key, PARAMS, V.clinician_policy, 300)
+    # 2000 patients: the program policy_value below compiles for the clinician's chunks
+    first = V.rollout_jit(key, PARAMS, V.clinician_policy, 2000)
+    again = V.rollout_jit(key, PARAMS, V.clinician_policy, 2000)
     for name in first:
         np.testing.assert_array_equal(np.asarray(first[name]), np.asarray(again[name]))
     assert bool(first["terminated"][:, -1].all()) and not bool(first["terminated"][:, :-1].any())
