@@ -18,7 +18,15 @@ os.environ["CLEANSEPSIS_COMPILATION_CACHE"] = "off"
 
 def pytest_configure(config):
     """Start JAX on one CPU device for the whole test process, so that a script's main() called in-process
-    cannot split the CPU into several devices halfway through the session (subprocess runs still do)."""
+    cannot split the CPU into several devices halfway through the session (subprocess runs still do).
+
+    Also give the process Python's default SIGINT handler: a shell starts a background job (`pytest &`) with
+    SIGINT ignored, and cleansepsis.interrupts deliberately leaves a handler it did not install alone, so the
+    Ctrl-C tests would see no interrupt at all."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     import jax
 
     jax.devices()
