@@ -145,42 +145,45 @@ def test_ctrl_c_swallowed_by_a_callee_still_stops_the_run(tmp_path, how):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_inside_a_compiled_programs_callback_is_an_interrupt_not_a_runtime_error():
-    def train(key, hparams):
-        def step(carry, _):
-            runs.tick()
-            return carry + 1.0, carry
-        return jax.lax.scan(step, jnp.float32(0), None, length=20)
+def _ticking_train(key, hparams):
+    """20 steps, each ticking the progress bar from inside the compiled program."""
 
+    def step(carry, _):
+        runs.tick()
+        return carry + 1.0, carry
+
+    return jax.lax.scan(step, jnp.float32(0), None, length=20)
+
+
+def _sweep_interrupted_at_a_tick(on_tick) -> None:
+    """Run `_ticking_train` with `on_tick` called at every progress tick; the sweep must end in
+    KeyboardInterrupt."""
+    with interrupts.handling():
+        original = sweep._advance
+        sweep._advance = lambda *a: (on_tick(), original(*a))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                runs.run_sweep(_ticking_train, [0], {"x": jnp.zeros(1)}, n_ticks=20)
+        finally:
+            sweep._advance = original
+
+
+def test_ctrl_c_inside_a_compiled_programs_callback_is_an_interrupt_not_a_runtime_error():
     calls = []
 
-    def interrupt_once(*_):  # a Ctrl-C arriving while the progress callback runs, inside the program
+    def interrupt_once():  # a Ctrl-C arriving while the progress callback runs, inside the program
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    jax.debug.callback  # noqa: B018 (the progress callback is where the signal lands)
-    with interrupts.handling():
-        original = sweep._advance
-        sweep._advance = lambda *a: (interrupt_once(), original(*a))
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                runs.run_sweep(train, [0], {"x": jnp.zeros(1)}, n_ticks=20)
-        finally:
-            sweep._advance = original
+    _sweep_interrupted_at_a_tick(interrupt_once)
     assert len(calls) < 20  # stopped early, not at the end
 
 
 def test_ctrl_c_swallowed_inside_a_compiled_program_stops_it_at_the_next_tick():
-    def train(key, hparams):
-        def step(carry, _):
-            runs.tick()
-            return carry + 1.0, carry
-        return jax.lax.scan(step, jnp.float32(0), None, length=20)
-
     calls = []
 
-    def swallow_once(*_):
+    def swallow_once():
         calls.append(1)
         if len(calls) == 3:
             try:
@@ -189,14 +192,7 @@ def test_ctrl_c_swallowed_inside_a_compiled_program_stops_it_at_the_next_tick():
             except KeyboardInterrupt:
                 pass  # as JAX's gc callback does
 
-    with interrupts.handling():
-        original = sweep._advance
-        sweep._advance = lambda *a: (swallow_once(), original(*a))
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                runs.run_sweep(train, [0], {"x": jnp.zeros(1)}, n_ticks=20)
-        finally:
-            sweep._advance = original
+    _sweep_interrupted_at_a_tick(swallow_once)
     assert len(calls) == 3  # stopped at the tick where it arrived, not after all 20
 
 
