@@ -221,6 +221,32 @@ def _jax_rollout(key, state: EnvState, params: EnvParams, n_steps: int, batched:
     return state, reward_sum, obs_sum
 
 
+def _sharded_rollout(params: EnvParams, n_steps: int, batched: bool, prng: str, n_devices: int):
+    """`_jax_rollout` with the envs split over the first `n_devices` devices (one slice per device, each
+    stepping its own envs with its own key: seed x n_devices + device index). Returns (seed, state) ->
+    the same outputs, the checksums summed over devices."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n_devices]), ("envs",))
+    spec = jax.sharding.PartitionSpec("envs")
+
+    def one_device(seeds, state):
+        key = jax.random.key(seeds[0], impl=prng)
+        state, reward_sum, obs_sum = _jax_rollout(key, state, params, n_steps, batched)
+        return state, reward_sum[None], obs_sum[None]
+
+    sharded = jax.jit(
+        jax.shard_map(
+            one_device, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec, spec), check_vma=False
+        )
+    )
+
+    def rollout(seed: int, state: EnvState):
+        seeds = jnp.arange(n_devices, dtype=jnp.uint32) + jnp.uint32(seed * n_devices)
+        state, reward_sums, obs_sums = sharded(seeds, state)
+        return state, reward_sums.sum(), obs_sums.sum()
+
+    return rollout
+
+
 def jax_bench_runner(
     n_envs: int,
     n_steps: int,
@@ -228,18 +254,25 @@ def jax_bench_runner(
     batched: bool = True,
     mdp: str = "icu-sepsis",
     prng: str = "threefry2x32",
+    n_devices: int = 1,
 ):
-    """A function that times one run of the JAX env and returns its steps per second (compiled here)."""
+    """A function that times one run of the JAX env and returns its steps per second (compiled here).
+    With `n_devices` > 1 the envs are split evenly over that many XLA devices (CPU cores, or GPUs)."""
     params = load_params(obs_mode=obs_mode) if mdp == "icu-sepsis" else load_mdp(mdp, obs_mode=obs_mode)
     _, state = reset_batch(jax.random.key(0), params, n_envs)
-    jax.block_until_ready(_jax_rollout(jax.random.key(1, impl=prng), state, params, n_steps, batched))
+    if n_devices == 1:
+
+        def rollout(seed: int, state: EnvState):
+            return _jax_rollout(jax.random.key(seed, impl=prng), state, params, n_steps, batched)
+
+    else:
+        rollout = _sharded_rollout(params, n_steps, batched, prng, n_devices)
+    jax.block_until_ready(rollout(1, state))
     runs = iter(range(2, 1 << 30))
 
     def run() -> float:
         start = time.perf_counter()
-        jax.block_until_ready(
-            _jax_rollout(jax.random.key(next(runs), impl=prng), state, params, n_steps, batched)
-        )
+        jax.block_until_ready(rollout(next(runs), state))
         return n_envs * n_steps / (time.perf_counter() - start)
 
     return run
@@ -308,10 +341,14 @@ def bench_results(
     reference_steps: int,
     mdp: str = "icu-sepsis",
     prng: str = "threefry2x32",
+    n_devices: int = 1,
 ) -> dict[str, float]:
     """Medians of `repeats` interleaved timed runs of each env in this one process, and their ratios. The
     reference: the icu-sepsis package's env (ICU-Sepsis), the plain-Python rules (the simulator) or the
-    core's Gymnasium class (a cohort MDP)."""
+    core's Gymnasium class (a cohort MDP). With `n_devices` > 1, one more JAX variant splits the batch
+    over that many devices."""
+    if n_envs % n_devices:
+        raise SystemExit(f"error: --n-envs {n_envs} must be a multiple of the {n_devices} devices")
     if mdp == "icu-sepsis":
         reference = reference_bench_runner(reference_steps)
     elif mdp.startswith("sepsis-sim"):
@@ -326,6 +363,10 @@ def bench_results(
         "jax_batch_vector_steps_per_s": jax_bench_runner(n_envs, n_steps, "vector", True, mdp, prng),
         "jax_vmap_keys_index_steps_per_s": jax_bench_runner(n_envs, n_steps, "index", False, mdp, prng),
     }
+    if n_devices > 1:
+        runners["jax_batch_index_devices_steps_per_s"] = jax_bench_runner(
+            n_envs, n_steps, "index", True, mdp, prng, n_devices
+        )
     # Interleaved rounds, so that a change in the machine's load hits every variant alike.
     rates: dict[str, list[float]] = {name: [] for name in runners}
     for round_index in range(repeats):
@@ -337,8 +378,28 @@ def bench_results(
     for name in [k for k in result if k.startswith("jax_")]:
         result[name.replace("_steps_per_s", "_ratio")] = result[name] / reference
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    result.update(n_envs=n_envs, n_steps=n_steps, repeats=repeats, load_average_1min=load, mdp=mdp, prng=prng)
+    result.update(
+        n_envs=n_envs,
+        n_steps=n_steps,
+        repeats=repeats,
+        load_average_1min=load,
+        mdp=mdp,
+        prng=prng,
+        n_devices=n_devices,
+    )
     return result
+
+
+def host_devices(wanted: int) -> int:
+    """Ask for `wanted` XLA CPU devices (0: one per core) before JAX's first operation; returns how many
+    the bench can use (fewer when JAX already runs, for example inside a test)."""
+    if wanted == 0:
+        wanted = len(os.sched_getaffinity(0))
+    try:
+        jax.config.update("jax_num_cpu_devices", wanted)
+    except RuntimeError:  # JAX already ran something: its devices are fixed
+        pass
+    return max(1, min(wanted, len(jax.devices())))
 
 
 def bench(
@@ -349,6 +410,7 @@ def bench(
     reference_steps: int = 20_000,
     mdp: str = "icu-sepsis",
     prng: str = "threefry2x32",
+    devices: int = 0,
 ) -> None:
     """Steps per second of the JAX env (a batch of auto-resetting envs in `lax.scan`, random actions)
     and of the reference icu-sepsis env (Python loop, random actions), measured in the same process in
@@ -365,8 +427,13 @@ def bench(
             Gymnasium class).
         prng: jax PRNG implementation of the JAX runs: 'threefry2x32' (jax's default) or 'rbg' (XLA's
             RngBitGenerator; about 2x faster on CPU here).
+        devices: XLA devices for one more JAX variant that splits the envs over them (0: one per CPU
+            core, as the learners do; 1: no such variant). The reference runs on one core either way.
     """
-    result = bench_results(n_envs, n_steps, repeats, reference_steps, mdp, prng)
+    if devices < 0:
+        raise SystemExit(f"error: --devices must be 0 (one per core) or more, got {devices}")
+    n_devices = host_devices(devices)
+    result = bench_results(n_envs, n_steps, repeats, reference_steps, mdp, prng, n_devices)
     if json_output:
         print(json.dumps(result, indent=2, sort_keys=True))
         return
@@ -380,6 +447,8 @@ def bench(
         "jax_batch_vector": f"JAX step_autoreset_batch, {n_envs} envs, obs vector",
         "jax_vmap_keys_index": f"JAX vmap(step_autoreset) over keys, {n_envs} envs, obs index",
     }
+    if n_devices > 1:
+        labels["jax_batch_index_devices"] = f"JAX step_autoreset_batch, {n_envs} envs on {n_devices} devices"
     for key, label in labels.items():
         ratio = "" if key == "reference" else f"  ({result[key + '_ratio']:.0f}x)"
         print(f"{label:58s} {result[key + '_steps_per_s']:>12,.0f} steps/s{ratio}")

@@ -299,3 +299,19 @@ def test_concurrent_batched_solves_do_not_deadlock_after_scipy_import():
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
+
+
+def test_bench_rollout_split_over_devices_matches_the_one_device_rollout():
+    """The bench's multi-device variant: on a one-device mesh (the test process has one device) the
+    sharded rollout with seed s is exactly the plain rollout with key s; the checksums are the sums."""
+    import env_sepsis
+
+    params = E.load_params(obs_mode="index")
+    _, state = E.reset_batch(jax.random.key(0), params, 64)
+    plain = env_sepsis._jax_rollout(jax.random.key(7), state, params, 6, True)
+    sharded = env_sepsis._sharded_rollout(params, 6, True, "threefry2x32", 1)(7, state)
+    np.testing.assert_array_equal(plain[0].state_index, sharded[0].state_index)
+    np.testing.assert_array_equal(plain[0].time, sharded[0].time)
+    assert float(plain[1]) == float(sharded[1]) and int(plain[2]) == int(sharded[2])
+    with pytest.raises(SystemExit, match="multiple of the 3 devices"):
+        env_sepsis.bench_results(64, 6, 1, 10, "icu-sepsis", "threefry2x32", n_devices=3)
