@@ -32,7 +32,7 @@ import optax
 import tyro
 
 from cleansepsis import runs
-from cleansepsis.networks import MLP, export_mlp
+from cleansepsis.networks import MLP, export_mlp, structure
 from cleansepsis.replay import SPLITS, Transitions
 
 
@@ -112,7 +112,7 @@ def make_train(args: Args, data: Transitions, held_out: dict[str, Transitions], 
     --save-every updates or None) for one seed and one setting; inputs defaults to (data, held_out,
     env_params)."""
     obs_dim, n_actions = data.obs.shape[1], data.action_mask.shape[1]
-    static = eqx.partition(make_mlp(obs_dim, n_actions, args, jax.random.PRNGKey(0)), eqx.is_array)[1]
+    static = structure(lambda: make_mlp(obs_dim, n_actions, args, jax.random.PRNGKey(0)))
 
     def logits_of(params, obs):  # (batch, n_actions)
         return jax.vmap(eqx.combine(params, static))(obs)

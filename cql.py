@@ -34,7 +34,7 @@ import tyro
 
 from cleansepsis import runs
 from cleansepsis.full_batch import FullBatch
-from cleansepsis.networks import MLP, array_part, export_mlp, static_part
+from cleansepsis.networks import MLP, array_part, export_mlp, structure
 from cleansepsis.replay import Transitions
 
 
@@ -272,7 +272,7 @@ def make_train(args: Args, obs_dim: int, n_actions: int):
 
 def network_static(obs_dim: int, n_actions: int, hidden: tuple[int, ...]):
     """The non-array parts of the Q network (its structure), to combine with trained params."""
-    return static_part(MLP(obs_dim, n_actions, hidden, jax.random.key(0)))
+    return structure(lambda: MLP(obs_dim, n_actions, hidden, jax.random.key(0)))
 
 
 # ---------------------------------------------------------------------------------------------------------

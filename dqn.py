@@ -34,6 +34,7 @@ import optax
 import tyro
 
 from cleansepsis import online, runs
+from cleansepsis.networks import structure
 from cleansepsis.online import Batch, masked_argmax
 
 
@@ -194,9 +195,7 @@ class QNetwork(eqx.Module):
 
 
 def network_static(obs_dim: int, n_actions: int, args: Args):
-    return eqx.partition(
-        QNetwork(obs_dim, n_actions, args.hidden, args.dueling, jax.random.key(0)), eqx.is_array
-    )[1]
+    return structure(lambda: QNetwork(obs_dim, n_actions, args.hidden, args.dueling, jax.random.key(0)))
 
 
 def export_policy(params, static) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -32,7 +32,7 @@ import tyro
 
 from cleansepsis import runs
 from cleansepsis.full_batch import FullBatch
-from cleansepsis.networks import MLP, export_mlp
+from cleansepsis.networks import MLP, export_mlp, structure
 from cleansepsis.replay import Transitions
 
 
@@ -172,15 +172,12 @@ def masked_log_prob(logits: jnp.ndarray, mask: jnp.ndarray, action: jnp.ndarray)
 def network_statics(args: Args, obs_dim: int, n_actions: int) -> dict[str, Any]:
     """The non-array parts of the twin Q, V and policy networks; train carries only their arrays."""
     key = jax.random.PRNGKey(0)  # only fixes the structure; values come from train's own key
-
-    def static(model):
-        return eqx.partition(model, eqx.is_array)[1]
-
-    twin = eqx.filter_vmap(lambda k: make_mlp(obs_dim, n_actions, args, k))(jax.random.split(key, 2))
     return {
-        "q": static(twin),
-        "v": static(make_mlp(obs_dim, "scalar", args, key)),
-        "pi": static(make_mlp(obs_dim, n_actions, args, key)),
+        "q": structure(
+            lambda: eqx.filter_vmap(lambda k: make_mlp(obs_dim, n_actions, args, k))(jax.random.split(key, 2))
+        ),
+        "v": structure(lambda: make_mlp(obs_dim, "scalar", args, key)),
+        "pi": structure(lambda: make_mlp(obs_dim, n_actions, args, key)),
     }
 
 

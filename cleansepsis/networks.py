@@ -3,6 +3,7 @@ defines it in its own file (dqn.py's dueling network is an example)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -29,9 +30,11 @@ class MLP(eqx.Module):
         return self.layers[-1](x)
 
 
-def static_part(model: eqx.Module) -> Any:
-    """The non-array parts (structure) of a model, to combine with trained arrays."""
-    return eqx.partition(model, eqx.is_array)[1]
+def structure(make: Callable[[], Any]) -> Any:
+    """The non-array parts of the model that `make()` builds, traced abstractly: no weights are drawn and
+    nothing is compiled (building them eagerly cost about 3 s of small compilations per learner run)."""
+    abstract = eqx.filter_eval_shape(make)
+    return eqx.partition(abstract, lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct))[1]
 
 
 def array_part(model: eqx.Module) -> Any:
