@@ -34,6 +34,7 @@ from bench_cql import HIDDEN, N_ACTIONS, OBS_DIM, random_transitions, update_flo
 
 import cql  # noqa: E402
 from cleansepsis import runs  # noqa: E402
+from cleansepsis.networks import MLP  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class Args:
     """Transitions per update."""
     eval_every: int = 1000
     """Updates per evaluation in cql.py (to spread the evaluation hook's cost)."""
+    seeds: int = 1
+    """Seeds updated side by side (`vmap`, as `CLEANSEPSIS_VMAP_WIDTH` runs them): the matmuls become
+    batched matmuls over the seeds; FLOPs count every seed."""
 
 
 VARIANTS = {
@@ -118,10 +122,11 @@ def make_update(variant: str, batch_size: int, total: int) -> Callable:
             target_params = jax.tree.map(lambda t, p: jnp.where(copy, p, t), target_params, params)
         return (params, target_params, opt_state, step, key, fixed)
 
-    def init(data):
-        params, _ = eqx.partition(cql.QNetwork(OBS_DIM, N_ACTIONS, HIDDEN, jax.random.key(0)), eqx.is_array)
-        fixed = runs.sample_batch(jax.random.key(1), data, batch_size)
-        return (params, params, adam.init(params), jnp.zeros((), jnp.int32), jax.random.key(2), fixed)
+    def init(data, key):
+        net_key, batch_key, run_key = jax.random.split(key, 3)
+        params, _ = eqx.partition(MLP(OBS_DIM, N_ACTIONS, HIDDEN, net_key), eqx.is_array)
+        fixed = runs.sample_batch(batch_key, data, batch_size)
+        return (params, params, adam.init(params), jnp.zeros((), jnp.int32), run_key, fixed)
 
     return init, update
 
@@ -129,11 +134,14 @@ def make_update(variant: str, batch_size: int, total: int) -> Callable:
 def timed_program(variant: str, args: Args, data) -> Callable[[], float]:
     init, update = make_update(variant, args.batch_size, args.updates)
 
+    step = update if args.seeds == 1 else jax.vmap(update, in_axes=(0, None))
+
     @jax.jit
     def run(carry, data):
-        return jax.lax.scan(lambda c, _: (update(c, data), None), carry, None, length=args.updates)[0]
+        return jax.lax.scan(lambda c, _: (step(c, data), None), carry, None, length=args.updates)[0]
 
-    carry = init(data)
+    keys = jax.random.split(jax.random.key(0), args.seeds)
+    carry = init(data, keys[0]) if args.seeds == 1 else jax.vmap(init, in_axes=(None, 0))(data, keys)
     jax.block_until_ready(run(carry, data))  # compile and warm up
 
     def once() -> tuple[float, float]:
@@ -165,7 +173,7 @@ def eval_hook_seconds(rounds: int) -> float:
     from cleansepsis import env
 
     env_params = env.load_params()
-    params, static = eqx.partition(cql.QNetwork(OBS_DIM, N_ACTIONS, HIDDEN, jax.random.key(0)), eqx.is_array)
+    params, static = eqx.partition(MLP(OBS_DIM, N_ACTIONS, HIDDEN, jax.random.key(0)), eqx.is_array)
 
     @jax.jit
     def evaluate(params, env_params):
@@ -199,7 +207,7 @@ def main() -> None:
             samples[name].append(once())
     wall = {name: statistics.median(w for w, _ in values) for name, values in samples.items()}
     cpu = {name: statistics.median(c for _, c in values) for name, values in samples.items()}
-    flops = update_flops(args.batch_size)
+    flops = update_flops(args.batch_size) * args.seeds
     cores = len(os.sched_getaffinity(0))
     # machine throughput from the loops: FLOPs per wall second, and FLOPs per CPU second times the cores
     peak_wall = {n: 1 / wall[f"matmul {n}^3"] / 1e9 for n in (1024, 256)}
@@ -207,7 +215,7 @@ def main() -> None:
     print(
         f"matmul loops (median of {args.rounds} rounds): {peak_wall[1024]:.1f} / {peak_wall[256]:.1f} GFLOP/s "
         f"wall at 1024^3 / 256^3; {peak_cpu[1024]:.1f} / {peak_cpu[256]:.1f} per {cores} busy cores (CPU time); "
-        f"update {flops / 1e6:.1f} MFLOP"
+        f"update {flops / 1e6:.1f} MFLOP ({args.seeds} seed(s))"
     )
     print(f"{'variant':<20} {'wall ms':>8} {'share':>6} {'of 1024^3':>9} {'CPU ms':>7} {'share':>6} {'of 1024^3':>9} "
           f"{'of 256^3':>8}  what")  # fmt: skip
