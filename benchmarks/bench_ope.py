@@ -5,9 +5,10 @@ policies with WIS, PDWIS, WDR and FQE (bootstrap 95% intervals over episodes), a
 exact value of the softened target (what importance sampling estimates) from the linear solve.
 Prints, per policy and estimator: mean error, RMSE, and the share of datasets whose interval covers
 the exact value. Goals: FQE within 0.01; the WIS interval covers the exact value in >= 90% of datasets.
-A second table gives every interval's coverage and mean width: the percentile bootstrap (`ci`), the basic
-bootstrap, and for WIS / PDWIS / WDR the delta-method normal, bootstrap-t and BCa intervals, for FQE its
-partial-identification interval (`identified`, docs/evaluation.md).
+A second table gives every interval's coverage and mean width: the reported one (`ci_low`, `ci_high`;
+WDR's refits FQE per resample), the basic bootstrap, for WIS / PDWIS / WDR the delta-method normal,
+bootstrap-t and BCa intervals, for WDR the percentile with FQE's Q fixed and refitted, for FQE its
+partial-identification interval (`identified`) and the identified set itself (docs/evaluation.md).
 
     uv run python benchmarks/bench_ope.py --datasets 10 --episodes 10000
     uv run python benchmarks/bench_ope.py --checkpoints runs/cql__x/checkpoints/s0_seed0   # add a policy
@@ -121,10 +122,11 @@ def main() -> None:
     print(interval_table(targets, exact, intervals))
 
 
-INTERVAL_KEYS = {"ci": None, "basic": "ci_basic", "normal": "ci_normal", "bootstrap-t": "ci_bootstrap_t",
-                 "BCa": "ci_bca", "refit (Q per resample)": "ci_refit",
-                 "refit bootstrap-t": "ci_refit_bootstrap_t", "identified": "ci_identified",
-                 "identified set (no sampling)": "identified_set"}  # fmt: skip
+# "reported": ci_low / ci_high, the interval each estimator reports (WDR: refit, FQE: fitting interval)
+INTERVAL_KEYS = {"reported": None, "percentile, Q fixed": "ci_fixed_model", "basic": "ci_basic",
+                 "normal": "ci_normal", "bootstrap-t": "ci_bootstrap_t", "BCa": "ci_bca",
+                 "percentile, Q refit": "ci_refit", "bootstrap-t, Q refit": "ci_refit_bootstrap_t",
+                 "identified": "ci_identified", "identified set (no sampling)": "identified_set"}  # fmt: skip
 
 
 def interval_bounds(est: dict) -> dict[str, tuple[float, float]]:
