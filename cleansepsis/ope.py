@@ -472,7 +472,8 @@ def wdr_refit_bootstrap(
         value, variance, _ = _value_and_variance(wdr, refit, c)
         return value, variance
 
-    return jax.lax.map(lambda cq: one(*cq), (counts, boot_q), batch_size=16)
+    # 4 resamples at a time: each holds (E, T, A) Q values and their gradients
+    return jax.lax.map(lambda cq: one(*cq), (counts, boot_q), batch_size=4)
 
 
 # ----------------------------------------------------------------------------------------------
