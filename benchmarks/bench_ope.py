@@ -5,6 +5,10 @@ policies with WIS, PDWIS, WDR and FQE (bootstrap 95% intervals over episodes), a
 exact value of the softened target (what importance sampling estimates) from the linear solve.
 Prints, per policy and estimator: mean error, RMSE, and the share of datasets whose interval covers
 the exact value. Goals: FQE within 0.01; the WIS interval covers the exact value in >= 90% of datasets.
+A second table gives every interval's coverage and mean width: the reported one (`ci_low`, `ci_high`;
+WDR's refits FQE per resample), the basic bootstrap, for WIS / PDWIS / WDR the delta-method normal,
+bootstrap-t and BCa intervals, for WDR the percentile with FQE's Q fixed and refitted, for FQE its
+partial-identification interval (`identified`) and the identified set itself (docs/evaluation.md).
 
     uv run python benchmarks/bench_ope.py --datasets 10 --episodes 10000
     uv run python benchmarks/bench_ope.py --checkpoints runs/cql__x/checkpoints/s0_seed0   # add a policy
@@ -84,6 +88,7 @@ def main() -> None:
     covered = {(p, e): [] for p in targets for e in estimators}
     covered_basic = {(p, e): [] for p in targets for e in estimators}
     ess = {p: [] for p in targets}
+    intervals = {}  # (policy, estimator, interval name) -> list of (low, high)
     start = time.perf_counter()
     for d in range(args.datasets):
         t0 = time.perf_counter()
@@ -95,6 +100,7 @@ def main() -> None:
                 data, table[states], table[next_states], np.asarray(data.behavior_prob),
                 gamma=1.0, epsilon=args.epsilon, n_boot=args.n_boot, key=jax.random.key(d), n_states=env.N_STATES,
                 action_mask=mask[states], next_action_mask=mask[next_states],
+                value_bounds=(0.0, 1.0),  # ICU-Sepsis: reward 1 on survival, 0 otherwise, gamma 1
             )  # fmt: skip
             ess[name].append(result["weights"]["ess"])
             for e in estimators:
@@ -103,13 +109,51 @@ def main() -> None:
                 covered[name, e].append(est["ci_low"] <= exact[name] <= est["ci_high"])
                 if "ci_basic" in est:
                     covered_basic[name, e].append(est["ci_basic"][0] <= exact[name] <= est["ci_basic"][1])
+                for kind, (low, high) in interval_bounds(est).items():
+                    intervals.setdefault((name, e, kind), []).append((low, high))
         print(f"dataset {d + 1}/{args.datasets} (seed {args.seed + d}): {time.perf_counter() - t0:.1f} s",
               file=sys.stderr, flush=True)  # fmt: skip
         if args.report_every and (d + 1) % args.report_every == 0 and d + 1 < args.datasets:
             print(coverage_table(args, d + 1, time.perf_counter() - start, targets, exact, ess, errors, covered,
                                  covered_basic), file=sys.stderr, flush=True)  # fmt: skip
+            print(interval_table(targets, exact, intervals), file=sys.stderr, flush=True)
     print(coverage_table(args, args.datasets, time.perf_counter() - start, targets, exact, ess, errors, covered,
                          covered_basic))  # fmt: skip
+    print(interval_table(targets, exact, intervals))
+
+
+# "reported": ci_low / ci_high, the interval each estimator reports (WDR: refit, FQE: fitting interval)
+INTERVAL_KEYS = {"reported": None, "percentile, Q fixed": "ci_fixed_model", "basic": "ci_basic",
+                 "normal": "ci_normal", "bootstrap-t": "ci_bootstrap_t", "BCa": "ci_bca",
+                 "percentile, Q refit": "ci_refit", "bootstrap-t, Q refit": "ci_refit_bootstrap_t",
+                 "identified": "ci_identified", "identified set (no sampling)": "identified_set"}  # fmt: skip
+
+
+def interval_bounds(est: dict) -> dict[str, tuple[float, float]]:
+    """Every interval an estimator's result holds, by name."""
+    out = {}
+    for kind, key in INTERVAL_KEYS.items():
+        if key is None:
+            out[kind] = (est["ci_low"], est["ci_high"])
+        elif est.get(key) is not None:
+            out[kind] = (float(est[key][0]), float(est[key][1]))
+    return out
+
+
+def interval_table(targets, exact, intervals) -> str:
+    """Coverage and mean width of every interval, per target and estimator (NaN bounds count as a miss)."""
+    lines = ["\n| target policy | estimator | interval | coverage | mean width | median width |", "|---|---|---|---|---|---|"]
+    for name in targets:
+        for e in ope.ESTIMATORS:
+            for kind in INTERVAL_KEYS:
+                pairs = np.asarray(intervals.get((name, e, kind), []), np.float64)
+                if not pairs.size:
+                    continue
+                cover = np.mean((pairs[:, 0] <= exact[name]) & (exact[name] <= pairs[:, 1]))
+                width = pairs[:, 1] - pairs[:, 0]
+                lines.append(f"| {name} | {e.upper()} | {kind} | {100 * cover:.0f}% | {np.nanmean(width):.4f} | "
+                             f"{np.nanmedian(width):.4f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def coverage_table(args: Args, done: int, seconds: float, targets, exact, ess, errors, covered, covered_basic) -> str:

@@ -216,6 +216,9 @@ def evaluate_probs(
         neural_refits=args.fqe_refits,
         behavior_ece=None if behaviour["calibration"] is None else behaviour["calibration"]["ece"],
         n_states=716 if replay.meta.get("source") == ICU_SEPSIS_SOURCE else None,
+        # ICU-Sepsis: reward 1 on survival, else 0, so every Q lies in [0, 1] (gamma <= 1); elsewhere the
+        # range of the logged returns-to-go bounds what the data do not identify
+        value_bounds=(0.0, 1.0) if replay.meta.get("source") == ICU_SEPSIS_SOURCE and args.gamma <= 1 else None,
         action_mask=np.asarray(data.action_mask) if replay.has["action_mask"] else None,
         next_action_mask=np.asarray(data.next_action_mask) if replay.has["next_action_mask"] else None,
     )
@@ -452,6 +455,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{obs['mean']:.4f} | {exact} | {w['ess']:.1f} / {w['n_episodes']} | {w['max_weight']:.3g} | "
             f"{100 * w['share_clipped']:.1f}% | {codes} |"
         )
+    lines += ["", _small_sample_intervals_markdown(report)]
     lines += ["", _warnings_markdown(report)]
     lines += [
         "",
@@ -492,6 +496,38 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"| {b['bin'][0]:.1f}-{b['bin'][1]:.1f} | {b['n']} | {b['confidence']:.3f} | {b['accuracy']:.3f} |"
                   for b in cal["reliability"]]  # fmt: skip
     lines += ["", "Figures: `action_heatmap.png`, `q_values.png`, `forest.png`.", ""]
+    return "\n".join(lines)
+
+
+def _interval(bounds: list[float] | None) -> str:
+    if bounds is None or not all(np.isfinite(b) for b in bounds):
+        return "n/a"
+    return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
+
+
+def _small_sample_intervals_markdown(report: dict[str, Any]) -> str:
+    """The intervals beside the percentile bootstrap (docs/evaluation.md, coverage on small held-out sets)."""
+    fqe0 = report["policies"][0]["ope"]["estimators"]["fqe"]
+    lines = [
+        "### Intervals that carry more of the small-sample uncertainty",
+        "",
+        f"- **FQE identified interval** (`ci_identified`): {fqe0.get('interval_identified')}. The identified "
+        "set is the same without sampling noise. The FQE interval in the table above (`ci_low`, `ci_high`) "
+        "is the fitting interval: it cannot show the value of actions the data never logged.",
+        f"- **WDR**: {report['policies'][0]['ope']['estimators']['wdr'].get('interval')} (the table above). "
+        "With tabular FQE this refits FQE on every resample, so the interval carries the model's "
+        "uncertainty; the old interval with FQE's full-data Q held fixed undercovers on small held-out sets "
+        "and is kept as `ci_fixed_model`.",
+        "",
+        "| policy | FQE identified interval | FQE identified set | WDR with Q fixed (`ci_fixed_model`) |",
+        "|---|---|---|---|",
+    ]
+    for p in report["policies"]:
+        e = p["ope"]["estimators"]
+        lines.append(
+            f"| {p['name']} | {_interval(e['fqe'].get('ci_identified'))} | {_interval(e['fqe'].get('identified_set'))} "
+            f"| {_interval(e['wdr'].get('ci_fixed_model'))} |"
+        )
     return "\n".join(lines)
 
 

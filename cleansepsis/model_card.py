@@ -92,12 +92,22 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, run: d
             "|---|---|---|",
         ]
         lines += [f"| {name.upper()} | {_estimate(e)} | {observed_text} |" for name, e in est.items()]
+        identified = est.get("fqe", {}).get("ci_identified")
+        if identified is not None:
+            lines.append(f"| FQE, identified interval (`ci_identified`) | {_fmt(est['fqe']['estimate'])} "
+                         f"[{_fmt(identified[0])}, {_fmt(identified[1])}] | {observed_text} |")  # fmt: skip
+            note = (f"FQE's identified interval: {est['fqe'].get('interval_identified')}. The FQE row's interval "
+                    "is the fitting interval, which cannot show the value of actions the data never logged.")  # fmt: skip
+        else:
+            note = None
         if evaluation.get("exact"):
             ex = evaluation["exact"]
             lines.append(
                 f"| exact (ICU-Sepsis, softened / as is) | {_fmt(ex['value_softened'], 4)} / {_fmt(ex['value'], 4)} "
                 f"| {observed_text} |"
             )
+        if note:
+            lines += ["", note]
         lines += ["", "The clinicians' observed return is the mean return per episode of the logged behaviour on "
                   "the same episodes: the reference every estimate should be read against."]  # fmt: skip
         warnings = evaluation["ope"].get("warnings") or []

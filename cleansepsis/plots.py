@@ -98,12 +98,13 @@ def forest_plot(
             if not est or not np.isfinite(est["estimate"]):
                 continue
             label, marker = ESTIMATOR_STYLE[name]
-            ax.errorbar(
-                est["estimate"], y + offset,
-                xerr=[[est["estimate"] - est["ci_low"]], [est["ci_high"] - est["estimate"]]],
-                fmt=marker, color=f"C{list(ESTIMATOR_STYLE).index(name)}", capsize=2, markersize=4,
-                label=label if i == 0 else None,
-            )  # fmt: skip
+            color = f"C{list(ESTIMATOR_STYLE).index(name)}"
+            # the interval as drawn from its bounds: a percentile interval need not hold its estimate
+            # (WDR refitted per resample on a small held-out set), so no errorbar relative to it
+            if np.isfinite(est["ci_low"]) and np.isfinite(est["ci_high"]):
+                ax.plot([est["ci_low"], est["ci_high"]], [y + offset] * 2, color=color, lw=1)
+                ax.plot([est["ci_low"], est["ci_high"]], [y + offset] * 2, "|", color=color, markersize=5)
+            ax.plot(est["estimate"], y + offset, marker, color=color, markersize=4, label=label if i == 0 else None)
         if row.get("exact") is not None:
             ax.plot([row["exact"]] * 2, [y - 0.4, y + 0.4], color="red", lw=2, label="exact" if i == 0 else None)
     ax.set_yticks(range(len(rows)), [r["label"] for r in rows][::-1], fontsize=8)

@@ -135,6 +135,18 @@ def test_small_held_out_set_is_flagged_in_tables_json_and_model_card(tmp_path, c
     assert "small-held-out-set" in report["warnings"]
     card = (run / "checkpoints/s0_seed0/README.md").read_text()
     assert "**Warnings**" in card and "only 6 held-out episodes" in card
+    # the intervals for small held-out sets, by name, in the JSON, the tables and the model card
+    fqe = report["policies"][1]["ope"]["estimators"]["fqe"]
+    low, high = fqe["ci_identified"]
+    assert low <= fqe["identified_set"][0] <= fqe["identified_set"][1] <= high and fqe["value_bounds"] == [0, 1]
+    wdr = report["policies"][1]["ope"]["estimators"]["wdr"]
+    assert [wdr["ci_low"], wdr["ci_high"]] == wdr["ci_refit"] and "FQE refitted" in wdr["interval"]
+    assert len(wdr["ci_fixed_model"]) == 2 and len(wdr["ci_bootstrap_t"]) == 2 and wdr["se"] >= 0
+    markdown = (run / "evaluation.md").read_text()
+    assert "FQE identified interval" in markdown and f"[{low:.4f}, {high:.4f}]" in markdown
+    assert "`ci_fixed_model`" in markdown and "FQE refitted on that resample" in markdown
+    assert "FQE, identified interval (`ci_identified`)" in card and f"[{low:.3f}, {high:.3f}]" in card
+    assert "partial identification" in card
 
 
 def test_no_options_on_a_default_run_draws_a_fresh_held_out_replay(tmp_path, monkeypatch, capsys):
