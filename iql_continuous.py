@@ -33,6 +33,7 @@ import tyro
 
 from cleansepsis import runs
 from cleansepsis import vancomycin as V
+from cleansepsis.model_card import write_continuous_run_cards
 from cleansepsis.networks import MLP, layer_names
 from cleansepsis.replay import Transitions
 
@@ -429,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
                        "observation_normalisation": "training-split mean and std, folded into each checkpoint's "
                        "first layer (checkpoints take raw observations)"},
     )
+    write_continuous_run_cards(path)  # README.md model card in each final checkpoint folder
     runs.print_timing(timing, path)
 
 

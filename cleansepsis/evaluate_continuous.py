@@ -8,7 +8,8 @@ warnings as the discrete path. On a vancomycin simulator replay (env id CleanSep
 policy's true value is also simulated (Monte Carlo over `--sim-patients` patients, with its standard
 error), and the clinician-like behaviour policy, whose density the replay logs, is evaluated as a
 reference row. Writes `evaluation.json`, `evaluation.md` and `forest.png` into the run folder (the 5 x 5
-action heatmap, the Q-value figure and the model cards are for discrete policies).
+action heatmap and the Q-value figure are for discrete policies), and a model card (README.md) into each
+checkpoint folder (`cleansepsis.model_card.continuous_model_card`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from cleansepsis import ope, plots
 from cleansepsis import ope_continuous as oc
 from cleansepsis.io import atomic_file, write_json
-from cleansepsis.model_card import NOTICE
+from cleansepsis.model_card import NOTICE, training_simulation, write_model_card
 from cleansepsis.policy import load_policy
 from cleansepsis.replay import Replay, describe_action_space
 
@@ -182,7 +183,26 @@ def evaluate_run(run_dir: Path, entries: list[dict[str, Any]], replay: Replay, a
         "notice": NOTICE,
     }
     write_outputs(run_dir, report, args)
+    if getattr(args, "model_cards", False):
+        write_cards(run_dir, report)
     return report
+
+
+def write_cards(run_dir: Path, report: dict[str, Any]) -> None:
+    """The continuous model card in each evaluated checkpoint folder, with this evaluation's estimates and
+    (from the run's summary.json, when it has one) the simulated value measured in training."""
+    import json
+
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    for p in report["policies"]:
+        if not p.get("checkpoint"):
+            continue
+        folder = run_dir / p["checkpoint"]
+        config = json.loads((folder / "config.json").read_text())
+        run = {"split": report["replay"]["split"], "replay_path": report["replay"]["path"],
+               "reward": report["replay"]["reward"], "simulation": training_simulation(summary, config)}  # fmt: skip
+        write_model_card(folder, config, p, run, overwrite=True)
 
 
 def _est(e: dict[str, Any]) -> str:

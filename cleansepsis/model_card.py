@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,8 @@ from typing import Any
 from cleansepsis.io import atomic_file
 
 ICU_SEPSIS_SOURCE = "icu-sepsis"
+SIMULATOR_SOURCE = "vancomycin-sim"
+MIMIC_SOURCE = "mimic-iv"
 
 NOTICE = (
     "**For research only; not for treating patients.** This policy was learned from retrospective data "
@@ -30,7 +34,10 @@ def _estimate(e: dict[str, Any]) -> str:
 
 def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, run: dict[str, Any]) -> str:
     """The text of a model card. `evaluation` is this policy's entry of evaluation.json (or None);
-    `run` the evaluation's shared settings (replay, split, epsilon, behaviour)."""
+    `run` the evaluation's shared settings (replay, split, epsilon, behaviour). A continuous-dose policy
+    gets `continuous_model_card`."""
+    if is_continuous_config(config):
+        return continuous_model_card(config, evaluation, run)
     algo = config.get("algo", "unknown algorithm")
     outputs = config.get("outputs")
     acts = (
@@ -171,6 +178,147 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, run: d
         "",
     ]
     return "\n".join(lines)
+
+
+def is_continuous_config(config: dict[str, Any]) -> bool:
+    return config.get("outputs") == "action_mean" or (config.get("action_space") or {}).get("kind") == "continuous"
+
+
+def _source_lines(source: Any) -> list[str]:
+    if source == SIMULATOR_SOURCE:
+        return ["- Source: simulated patients, not people. `cleansepsis.vancomycin` (two-compartment population "
+                "pharmacokinetics of Goti et al. 2018, with modelling choices for the population, kidney injury and "
+                "level draws) dosed by a clinician-like policy. Every value below is the simulator's; doing well in "
+                "it is not evidence of benefit to patients."]  # fmt: skip
+    if source == MIMIC_SOURCE:
+        return ["- Source: MIMIC-IV (retrospective ICU records; credentialed data). Its dynamics are unknown, so "
+                "the policy's value can only be estimated off-policy, from the logged doses."]  # fmt: skip
+    return [f"- Source: `{source}` (not one this card knows; read the replay's metadata)."]
+
+
+def continuous_model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, run: dict[str, Any]) -> str:
+    """The model card of a continuous-dose policy (iql_continuous.py and its `--bc`). `evaluation` is this
+    policy's entry of a continuous evaluation.json (cleansepsis/evaluate_continuous.py) or None; `run` may
+    carry `simulation` (this policy's simulated value from training: value, stderr, n_patients and the
+    clinician/oracle references on the same patients) and the evaluation's shared settings."""
+    algo = config.get("algo", "unknown algorithm")
+    space = config.get("action_space") or {}
+    unit, low, high = space.get("unit", "?"), space.get("low"), space.get("high")
+    dose = f"{space.get('name', 'dose')} in {unit}"
+    network = config.get("network") or {}
+    features = config.get("feature_names") or []
+    lines = [
+        f"# Model card: {algo} policy (continuous dose), setting {config.get('setting', '?')}, seed "
+        f"{config.get('seed', '?')}",
+        "",
+        NOTICE,
+        "",
+        "## What it is",
+        f"- Algorithm: {algo}; hyperparameters: {config.get('hparams', {})}; seed {config.get('seed')}; "
+        f"{config.get('updates', '?')} updates.",
+        f"- Network: {network.get('kind')} ({network.get('activation')}), {config.get('obs_dim')} inputs -> the "
+        f"mean of a Gaussian over the dose; the policy acts by that mean (deterministic).",
+        f"- Action: the {dose}, bounds [{low:g}, {high:g}] {unit}; every dose it gives is inside them. "
+        "Load it with `cleansepsis.load_policy(this_folder, replay)`; `select_action(obs)` gives the dose in "
+        f"{unit}.",
+        "",
+        "## Data and cohort",
+        f"- Replay: `{config.get('replay_path')}` (content hash `{str(config.get('replay_hash'))[:16]}...`), "
+        f"source `{config.get('replay_source')}`, env `{config.get('env_id')}`.",
+        *_source_lines(config.get("replay_source")),
+        f"- Inputs: {len(features)} features ({', '.join(features[:6])}{', ...' if len(features) > 6 else ''}), "
+        f"raw physical units; normalisation: {str(config.get('normalisation'))[:200]}.",
+        "",
+        "## Reward",
+        f"- {run.get('reward') or 'see the replay metadata'}",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    simulation = run.get("simulation")
+    if simulation:
+        lines += [
+            f"Simulated value (mean undiscounted return, acting by its mean, {simulation['n_patients']} simulated "
+            f"patients): **{_fmt(simulation['value'], 4)} +- {_fmt(simulation['stderr'], 4)}** (SE); on the same "
+            f"patients the clinician-like policy {_fmt(simulation['clinician'], 4)} and the oracle "
+            f"{_fmt(simulation['oracle'], 4)}.",
+            "",
+        ]
+    if evaluation is None:
+        lines.append("Off-policy evaluation: not run yet (`python -m cleansepsis.evaluate RUN_DIR`).")
+    else:
+        ope = evaluation["ope"]
+        sim = evaluation.get("simulated")
+        lines += [
+            f"Measured by `python -m cleansepsis.evaluate` on split `{run.get('split')}` of "
+            f"`{run.get('replay_path')}` ({ope['n_episodes']} episodes, {ope['n_transitions']} transitions); gamma "
+            f"{ope['gamma']}; acting: {evaluation.get('acting')}.",
+            "",
+            "| estimator | estimate [95% interval] |",
+            "|---|---|",
+        ]
+        for name, e in ope["estimators"].items():
+            value = e.get("estimate")
+            text = "undefined" if value is None or not math.isfinite(value) else _estimate(e)
+            lines.append(f"| {name.upper()} | {text} |")
+        lines.append(f"| observed return of the logged policy | {_fmt(ope.get('observed_return'), 4)} |")
+        if sim:
+            lines.append(f"| simulated (Monte Carlo, {sim['n_patients']} patients) | {_fmt(sim['value'], 4)} +- "
+                         f"{_fmt(sim['stderr'], 4)} (SE) |")  # fmt: skip
+        if ope.get("undefined"):
+            lines += ["", f"Importance sampling undefined: {ope['undefined']}."]
+        warnings = ope.get("warnings") or []
+        lines += ["", "**Warnings**:" if warnings else "Warnings: none fired."]
+        lines += [f"- {w['message']}." for w in warnings]
+        doses = evaluation.get("doses")
+        if doses:
+            lines += [
+                "",
+                f"Doses at the evaluated states: mean {_fmt(doses['policy_mean'], 1)} {unit} (logged "
+                f"{_fmt(doses['logged_mean'], 1)}), mean absolute difference {_fmt(doses['mean_abs_difference'], 1)}"
+                f" {unit}, median ratio to the logged dose {_fmt(doses['median_ratio'])}, "
+                f"{100 * doses['within_20_percent']:.1f}% within 20% of it.",
+            ]
+    lines += [
+        "",
+        "## Limitations",
+        "- Off-policy estimates rest on the logged behaviour being known and on no unmeasured confounding. FQE "
+        "fits Q on the observation, which is not a Markov state here: for doses that move away from the "
+        "logged ones it is biased (docs/evaluation.md, the continuous FQE validation).",
+        "- The dose is one Gaussian around the actor's mean: no separate dose/no-dose decision, no timing or drug "
+        "choice, nothing about the patient beyond the input features.",
+        "- Values are not comparable with other work unless cohort, reward and evaluation choices all match.",
+        "",
+        NOTICE,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_continuous_run_cards(run_dir: str | os.PathLike) -> list[Path]:
+    """A model card in every final checkpoint folder of a continuous learner's run (iql_continuous.py), with
+    the simulated value of its training summary (summary.json `simulation`) when there is one."""
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    written = []
+    for config_path in sorted((run_dir / "checkpoints").glob("*/config.json")):
+        config = json.loads(config_path.read_text())
+        if not is_continuous_config(config) or config.get("updates") != summary.get("updates_per_policy"):
+            continue  # a checkpoint saved during training: no card (the simulated value is the final policy's)
+        run = {"simulation": training_simulation(summary, config)}
+        written.append(write_model_card(config_path.parent, config, None, run))
+    return written
+
+
+def training_simulation(summary: dict[str, Any], config: dict[str, Any]) -> dict[str, Any] | None:
+    """This final checkpoint's simulated value from its run's summary.json (`simulation`), or None."""
+    simulation, seeds = summary.get("simulation"), list(summary.get("seeds") or [])
+    if not simulation or config.get("seed") not in seeds or config.get("updates") != summary.get("updates_per_policy"):
+        return None
+    s, i = int(config["setting"]), seeds.index(config["seed"])
+    return {"value": simulation["value"][s][i], "stderr": simulation["stderr"][s][i],
+            "n_patients": simulation["n_patients"], "clinician": simulation["clinician"]["value"],
+            "oracle": simulation["oracle"]["value"]}  # fmt: skip
 
 
 def write_model_card(

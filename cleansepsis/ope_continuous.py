@@ -137,6 +137,7 @@ class ContinuousFQEConfig:
     learning_rate: float = 1e-3
     dose_encoding: str = "bounds"  # or "standardised" (see Scaling); "bounds" is the one validated
     final_lr_share: float = 0.02  # cosine decay of the rate within each iteration, to this share
+    history_lags: int = 0  # Q also sees this many previous (obs, dose) steps of the episode (history_features)
 
 
 class ContinuousFQEData(eqx.Module):
@@ -209,6 +210,50 @@ def make_scaling(
 
     return Scaling(both.mean(0), np.where(std > 1e-6, std, 1.0), float(low), float(high), dose_encoding,
                    float(logged.mean()), spread(logged), float(log_dose.mean()), spread(log_dose))  # fmt: skip
+
+
+def history_features(
+    obs: np.ndarray, dose: np.ndarray, next_obs: np.ndarray, layout: ope.EpisodeLayout, lags: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(obs, next_obs) each with the episode's `lags` previous steps appended: for lag j = 1..lags the
+    observation and dose j steps before, and a 1 saying that step exists (zeros before the episode's start).
+
+    Why: an observation that summarises the history (the vancomycin simulator's keeps the last level and dose
+    and the total dose, not each one) is not a Markov state. The Bellman backup at (o, a) then averages over
+    the hidden states that the BEHAVIOUR's histories lead to, and a target that doses differently reaches
+    the same o from other hidden states: FQE on o is biased for it however much data there is. Given the
+    whole observed history the posterior of the hidden state no longer depends on the policy (the policies
+    act on what is observed), so FQE on the history is consistent. The next state's history is the
+    current step's shifted by one."""
+    obs, next_obs = np.asarray(obs, np.float32), np.asarray(next_obs, np.float32)
+    dose = np.asarray(dose, np.float32)
+    if lags < 0:
+        raise OPEError(f"history lags must be >= 0, got {lags}")
+    if lags == 0:
+        return obs, next_obs
+    n, d = obs.shape
+    rows, valid = layout.rows, layout.valid
+    # each transition's own step record (obs, dose, present)
+    step_record = np.concatenate([obs, dose[:, None], np.ones((n, 1), np.float32)], 1)
+    width = d + 2
+    episode_of_row = np.full(n, -1, np.int64)
+    step_of_row = np.full(n, -1, np.int64)
+    e_index, t_index = np.nonzero(valid)
+    episode_of_row[rows[valid]] = e_index
+    step_of_row[rows[valid]] = t_index
+
+    def lagged(steps_back_from: np.ndarray) -> np.ndarray:
+        """(n, lags * width): for lag j the record of step (steps_back_from - j), zeros where it is < 0."""
+        out = np.zeros((n, lags * width), np.float32)
+        for j in range(1, lags + 1):
+            step = steps_back_from - j
+            ok = step >= 0
+            src = rows[episode_of_row[ok], step[ok]]
+            out[ok, (j - 1) * width : j * width] = step_record[src]
+        return out
+
+    return (np.concatenate([obs, lagged(step_of_row)], 1),
+            np.concatenate([next_obs, lagged(step_of_row + 1)], 1))  # fmt: skip
 
 
 class DoseQNetwork(eqx.Module):
@@ -319,6 +364,10 @@ def make_continuous_fqe_data(
     )
 
 
+def _history_text(lags: int) -> str:
+    return "" if lags == 0 else f" + the {lags} previous (obs, dose) steps"
+
+
 def continuous_fqe_estimate(
     fqe_data: ContinuousFQEData,
     gamma: float,
@@ -335,7 +384,9 @@ def continuous_fqe_estimate(
     value, network, losses = _continuous_fqe_jit(fqe_data, float(gamma), key, config)
     result: dict[str, Any] = {
         "estimate": float(value),
-        "features": f"MLP on (standardised obs, dose encoded {config.dose_encoding!r}) ({config.hidden}x2, relu)",
+        "features": f"MLP on (standardised obs{_history_text(config.history_lags)}, dose encoded "
+        f"{config.dose_encoding!r}) ({config.hidden}x2, relu)",
+        "history_lags": config.history_lags,
         "n_iterations": config.n_iterations,
         "steps_per_iteration": config.steps_per_iteration,
         "final_loss": float(losses[-1]),
@@ -438,12 +489,13 @@ def continuous_off_policy_evaluation(
     reward = np.asarray(data.reward, np.float32)
     layout = ope.episode_layout(data.episode_id, data.t)
     counts = ope.bootstrap_counts(k_boot, layout.n_episodes, n_boot)
-    scaling = make_scaling(obs, next_obs, action, low, high, config.dose_encoding)
-
+    # the target acts on the observation; Q may also see the history (history_features)
     next_doses = target_doses(target, next_obs, k_next, n_action_samples, acting)
     first_doses = target_doses(target, obs[layout.first_rows], k_first, n_action_samples, acting)
+    q_obs, q_next_obs = history_features(obs, action, next_obs, layout, config.history_lags)
+    scaling = make_scaling(q_obs, q_next_obs, action, low, high, config.dose_encoding)
     fqe_data = make_continuous_fqe_data(
-        obs, action, reward, next_obs, np.asarray(data.terminated), layout, next_doses, first_doses, scaling
+        q_obs, action, reward, q_next_obs, np.asarray(data.terminated), layout, next_doses, first_doses, scaling
     )
     fqe_result, network = continuous_fqe_estimate(fqe_data, gamma, k_fqe, counts, config, n_refits)
 
@@ -453,9 +505,9 @@ def continuous_off_policy_evaluation(
         log_target = _batched_pairs(target.log_density, obs, action)
         log_rho = np.asarray(log_target, np.float64) - np.asarray(behavior_log_density, np.float64)
         rho = np.exp(np.minimum(log_rho, 60.0))  # a ratio above e^60 is as dominant as infinity, and finite
-        q_logged = q_values(network, scaling, obs, action[:, None])[:, 0]
-        v_state = q_values(network, scaling, obs, state_doses).mean(1)
-        v_next = q_values(network, scaling, next_obs, next_doses).mean(1)
+        q_logged = q_values(network, scaling, q_obs, action[:, None])[:, 0]
+        v_state = q_values(network, scaling, q_obs, state_doses).mean(1)
+        v_next = q_values(network, scaling, q_next_obs, next_doses).mean(1)
         inputs = ope.make_is_inputs(
             layout, reward, rho, np.ones_like(rho), gamma, clip, q_logged=q_logged, v_state=v_state,
             v_next=v_next, truncated=np.asarray(data.truncated),

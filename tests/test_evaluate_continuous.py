@@ -118,3 +118,9 @@ def test_a_saved_continuous_checkpoint_is_evaluated_through_load_policy(vanco_re
     assert policy["name"] == "s0_seed0" and policy["simulated"] is None  # --sim-patients 0: no simulation
     assert np.isfinite(policy["ope"]["estimators"]["fqe"]["estimate"]) and "deterministic" in policy["ope"]["undefined"]
     assert 0.0 <= policy["doses"]["policy_mean"] <= V.DOSE_MAX_MG
+    # the continuous model card, with this evaluation's FQE estimate
+    card = (run / "checkpoints/s0_seed0/README.md").read_text()
+    fqe = policy["ope"]["estimators"]["fqe"]
+    assert "(continuous dose)" in card and "vancomycin_dose in mg, bounds [0, 3000] mg" in card
+    assert f"| FQE | {fqe['estimate']:.3f} [{fqe['ci_low']:.3f}, {fqe['ci_high']:.3f}] |" in card
+    assert "| WIS | undefined |" in card and "ICU-Sepsis" not in card and card.count("For research only") == 2

@@ -151,6 +151,11 @@ def test_run_folder_on_the_simulator(simulator_run):
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["s0_seed0", "s0_seed0_u0000010", "s0_seed1", "s0_seed1_u0000010", "s1_seed0",
                      "s1_seed0_u0000010", "s1_seed1", "s1_seed1_u0000010"]
+    # a model card in each final checkpoint folder, with its simulated value from this summary
+    card = (run / "checkpoints" / "s1_seed0" / "README.md").read_text()
+    assert "continuous dose" in card and "bounds [0, 3000] mg" in card and "For research only" in card
+    assert f"**{simulation['value'][1][0]:.4f} +- {simulation['stderr'][1][0]:.4f}**" in card
+    assert "ICU-Sepsis" not in card and not (run / "checkpoints" / "s1_seed0_u0000010" / "README.md").exists()
 
 
 def test_load_policy_gives_doses_in_mg_within_bounds(simulator_run):
