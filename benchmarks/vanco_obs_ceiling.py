@@ -16,7 +16,7 @@ AKI on later kidney function). Every reported value is the TRUE simulator's retu
 `--final-patients` patients the search never saw, beside the clinician-like and oracle policies on the same
 patients (common random numbers).
 
-    python benchmarks/vanco_obs_ceiling.py                      # defaults: 3,000 steps x 2,048 patients
+    python benchmarks/vanco_obs_ceiling.py                      # defaults: 2,000 steps x 2,048 patients
     python benchmarks/vanco_obs_ceiling.py --steps 200 --final-patients 20000 --out /tmp/ceiling.json
 
 Whatever it finds is achievable from the observation, so its value is a lower bound on the observation-only
@@ -126,7 +126,7 @@ def value_of(model: ObsPolicy, sim: V.VancoParams, key: jax.Array, n_patients: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
-    parser.add_argument("--steps", type=int, default=3_000)
+    parser.add_argument("--steps", type=int, default=2_000)
     parser.add_argument("--batch-patients", type=int, default=2_048)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--final-patients", type=int, default=100_000)
