@@ -14,7 +14,8 @@ AKI penalty is replaced by its expectation given the exposure, penalty x (1 - ex
 same expected return, with a gradient through the hazard (what it still misses is the effect of a sampled
 AKI on later kidney function). Every reported value is the TRUE simulator's return (sampled AKI), on
 `--final-patients` patients the search never saw, beside the clinician-like and oracle policies on the same
-patients (common random numbers).
+patients (common random numbers): by default the very patients on which iql_continuous.py evaluates its final
+policies, so the ceiling and the learners' values compare patient for patient.
 
     python benchmarks/vanco_obs_ceiling.py                      # defaults: 2,000 steps x 2,048 patients
     python benchmarks/vanco_obs_ceiling.py --steps 200 --final-patients 20000 --out /tmp/ceiling.json
@@ -43,6 +44,9 @@ FEATURE = {name: i for i, (name, _) in enumerate(V.OBS_FEATURES)}
 LOG_FEATURES = ("weight", "creatinine", "crcl_cockcroft_gault", "last_dose", "last_level")
 LOG_DOSE_RANGE = (float(np.log(10.0)), float(np.log(V.DOSE_MAX_MG)))
 STATS_KEY_SEED = 7  # the clinician-like rollout whose mean and sd standardise the inputs
+# iql_continuous.EVAL_KEY_SEED + 1: its final evaluation's patients (keys split per 25,000-patient chunk, as
+# V.policy_value does), so the ceiling and the learners' values are on the same patients
+LEARNER_PATIENTS_KEY_SEED = 20_211_007
 
 
 class ObsPolicy(eqx.Module):
@@ -130,7 +134,9 @@ def main() -> None:
     parser.add_argument("--batch-patients", type=int, default=2_048)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--final-patients", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the network's initialisation and the search")
+    parser.add_argument("--final-key-seed", type=int, default=LEARNER_PATIENTS_KEY_SEED,
+                        help="key of the final patients (default: iql_continuous.py's final patients)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args()
     if args.steps < 1 or args.batch_patients < 2 or args.final_patients < 2:
@@ -145,7 +151,7 @@ def main() -> None:
     curve = np.asarray(curve)
     search_seconds = time.perf_counter() - start
     model = eqx.combine(params, static)
-    final_key = jax.random.PRNGKey(args.seed + 202)  # patients the search never saw
+    final_key = jax.random.PRNGKey(args.final_key_seed)  # patients the search never saw
     result: dict[str, Any] = {
         "search_surrogate_return": {"first_100_steps": float(curve[:100].mean()),
                                     "last_100_steps": float(curve[-100:].mean())},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -92,3 +93,12 @@ def test_surrogate_has_a_gradient_through_the_aki_hazard():
         return (B.surrogate_returns(records, SIM) - records["reward"].sum(-1)).mean()
 
     assert float(jax.grad(aki_part)(jnp.float32(2500.0))) < 0.0
+
+
+def test_final_patients_are_the_learners_final_patients():
+    """The ceiling is reported on the same patients as iql_continuous.py's final values (same key, same
+    chunking), so the README's rows compare patient for patient."""
+    import iql_continuous as learner
+
+    assert B.LEARNER_PATIENTS_KEY_SEED == learner.EVAL_KEY_SEED + 1
+    assert learner.FINAL_EVAL_CHUNK == inspect.signature(V.policy_value).parameters["chunk"].default
