@@ -111,6 +111,7 @@ def test_refuses_a_discrete_replay_before_any_work(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--tau", "1.2"], "--tau values must be in (0, 1), got 1.2"),
     (["--bc", "--beta", "1"], "give --bc or --beta, not both"),
+    (["--bc", "--beta", "3"], "give --bc or --beta, not both"),  # the old default is no longer implied
     (["--log-std-min", "3"], "--log-std-min 3.0 must be below --log-std-max 2.0"),
     (["--num-updates", "1500", "--eval-every", "1000"], "not a multiple of --eval-every"),
     (["--hidden", "0"], "--hidden needs positive widths"),

@@ -1,0 +1,104 @@
+"""benchmarks/vanco_obs_ceiling.py: the observation-only policy search improves on its start, acts on the
+observation alone, and its AKI surrogate keeps the expected return."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cleansepsis import vancomycin as V
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "vanco_obs_ceiling.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("_vanco_obs_ceiling_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+B = load_bench()
+SIM = V.VancoParams()
+
+
+N_STATS = 200
+
+
+@functools.cache
+def small_model():
+    mean, std = B.observation_stats(SIM, n_patients=N_STATS)
+    return B.init_policy(jax.random.PRNGKey(0), (8,), mean, std)
+
+
+def test_initial_policy_gives_the_start_dose_within_bounds():
+    model = small_model()
+    obs = V.rollout_jit(jax.random.PRNGKey(1), SIM, V.clinician_policy, N_STATS)["obs"].reshape(-1, V.OBS_DIM)
+    doses = np.asarray(jax.vmap(model)(obs))
+    assert np.all((doses >= 10.0) & (doses <= V.DOSE_MAX_MG))
+    np.testing.assert_allclose(doses, 1000.0, rtol=0.05)
+
+
+def test_search_on_a_tiny_budget_improves_the_true_value_over_its_start():
+    model = small_model()
+    params, static = eqx.partition(model, eqx.is_array)
+    search = jax.jit(B.make_search(SIM, static, batch_patients=128, steps=40, learning_rate=1e-2))
+    found, curve = search(jax.random.PRNGKey(2), params)
+    assert curve.shape == (40,) and np.all(np.isfinite(np.asarray(curve)))
+    true_returns = jax.jit(  # patients the search never saw; true (sampled-AKI) returns; one compile for both
+        lambda p: V.rollout(jax.random.PRNGKey(3), SIM, B.as_policy(eqx.combine(p, static)), 3_000)["reward"].sum(-1)
+    )
+    gain = np.asarray(true_returns(found) - true_returns(params), np.float64)  # paired: the same patients
+    assert gain.mean() > 4 * gain.std() / np.sqrt(gain.size), gain.mean()
+
+
+def test_policy_never_reads_the_hidden_state():
+    """The ceiling must be observation-only: the same observation with another patient's hidden PK gives
+    the same dose."""
+    policy = B.as_policy(small_model())
+    obs, state = V.reset(jax.random.PRNGKey(4), SIM)
+    other = eqx.tree_at(lambda s: (s.eta_cl, s.eta_vc), state, (state.eta_cl + 1.0, state.eta_vc - 1.0))
+    assert float(policy(None, obs, state, SIM)[0]) == float(policy(None, obs, other, SIM)[0])
+
+
+def test_surrogate_return_has_the_true_expected_return():
+    high_dose = V.fixed_dose_policy(2500.0)
+    records = V.rollout_jit(jax.random.PRNGKey(5), SIM, high_dose, 10_000)
+    true, surrogate = records["reward"].sum(-1), B.surrogate_returns(records, SIM)
+    assert float(records["aki"].sum()) > 100  # the case is one where AKI matters
+    diff = np.asarray(true - surrogate, np.float64)
+    assert abs(diff.mean()) < 4 * diff.std() / np.sqrt(diff.size)
+    no_aki = eqx.tree_at(lambda p: p.aki_penalty, SIM, 0.0)
+    records = V.rollout_jit(jax.random.PRNGKey(5), no_aki, high_dose, 10_000)
+    np.testing.assert_array_equal(np.asarray(B.surrogate_returns(records, no_aki)),
+                                  np.asarray(records["reward"].sum(-1)))
+
+
+def test_surrogate_has_a_gradient_through_the_aki_hazard():
+    """Pathwise, the sampled AKI indicator has no gradient; the surrogate must penalise exposure anyway."""
+    key = jax.random.PRNGKey(6)
+
+    def aki_part(dose):
+        policy = lambda k, obs, state, params: (dose, jnp.zeros((), jnp.float32))  # noqa: E731
+        records = V.rollout(key, SIM, policy, 200)
+        return (B.surrogate_returns(records, SIM) - records["reward"].sum(-1)).mean()
+
+    assert float(jax.grad(aki_part)(jnp.float32(2500.0))) < 0.0
+
+
+def test_final_patients_are_the_learners_final_patients():
+    """The ceiling is reported on the same patients as iql_continuous.py's final values (same key, same
+    chunking), so the README's rows compare patient for patient."""
+    import iql_continuous as learner
+
+    assert B.LEARNER_PATIENTS_KEY_SEED == learner.EVAL_KEY_SEED + 1
+    assert learner.FINAL_EVAL_CHUNK == inspect.signature(V.policy_value).parameters["chunk"].default
