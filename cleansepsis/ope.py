@@ -15,6 +15,9 @@ Conventions (see docs/evaluation.md):
   the admissible actions. Softening changes the policy being evaluated; the report states eps.
 - Truncated episodes: IS estimators use the observed return; WDR and FQE bootstrap the value of the last
   next state, as the replay format intends for truncation.
+- Intervals for small held-out sets (docs/evaluation.md): WDR's refits tabular FQE on every resample;
+  tabular FQE also gives `ci_identified`, a partial-identification interval for the values of actions
+  the data never logged, beside its fitting interval `ci_low`/`ci_high`.
 """
 
 from __future__ import annotations
@@ -368,7 +371,8 @@ def bootstrap_t_interval(
     if t.size == 0 or not np.isfinite(se):
         return (float("nan"), float("nan"))
     t_lo, t_hi = np.quantile(t, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
-    return (float(estimate - t_hi * se), float(estimate - t_lo * se))
+    with np.errstate(invalid="ignore"):  # an infinite t times se 0 (every weight zero): NaN, no interval
+        return (float(estimate - t_hi * se), float(estimate - t_lo * se))
 
 
 def bca_interval(estimate: float, samples: np.ndarray, influence: np.ndarray, level: float = 0.95) -> tuple[float, float]:
