@@ -142,7 +142,8 @@ def interval_bounds(est: dict) -> dict[str, tuple[float, float]]:
 
 def interval_table(targets, exact, intervals) -> str:
     """Coverage and mean width of every interval, per target and estimator (NaN bounds count as a miss)."""
-    lines = ["\n| target policy | estimator | interval | coverage | mean width | median width |", "|---|---|---|---|---|---|"]
+    lines = ["\n| target policy | estimator | interval | coverage | mean width | median width |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for name in targets:
         for e in ope.ESTIMATORS:
             for kind in INTERVAL_KEYS:
@@ -151,8 +152,8 @@ def interval_table(targets, exact, intervals) -> str:
                     continue
                 cover = np.mean((pairs[:, 0] <= exact[name]) & (exact[name] <= pairs[:, 1]))
                 width = pairs[:, 1] - pairs[:, 0]
-                lines.append(f"| {name} | {e.upper()} | {kind} | {100 * cover:.0f}% | {np.nanmean(width):.4f} | "
-                             f"{np.nanmedian(width):.4f} |")  # fmt: skip
+                lines.append(f"| {name} | {e.upper()} | {kind} | {100 * cover:.0f}% | "
+                             f"{np.nanmean(width):.4f} | {np.nanmedian(width):.4f} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -218,7 +218,9 @@ def evaluate_probs(
         n_states=716 if replay.meta.get("source") == ICU_SEPSIS_SOURCE else None,
         # ICU-Sepsis: reward 1 on survival, else 0, so every Q lies in [0, 1] (gamma <= 1); elsewhere the
         # range of the logged returns-to-go bounds what the data do not identify
-        value_bounds=(0.0, 1.0) if replay.meta.get("source") == ICU_SEPSIS_SOURCE and args.gamma <= 1 else None,
+        value_bounds=(0.0, 1.0)
+        if replay.meta.get("source") == ICU_SEPSIS_SOURCE and args.gamma <= 1
+        else None,
         action_mask=np.asarray(data.action_mask) if replay.has["action_mask"] else None,
         next_action_mask=np.asarray(data.next_action_mask) if replay.has["next_action_mask"] else None,
     )
@@ -525,8 +527,8 @@ def _small_sample_intervals_markdown(report: dict[str, Any]) -> str:
     for p in report["policies"]:
         e = p["ope"]["estimators"]
         lines.append(
-            f"| {p['name']} | {_interval(e['fqe'].get('ci_identified'))} | {_interval(e['fqe'].get('identified_set'))} "
-            f"| {_interval(e['wdr'].get('ci_fixed_model'))} |"
+            f"| {p['name']} | {_interval(e['fqe'].get('ci_identified'))} | "
+            f"{_interval(e['fqe'].get('identified_set'))} | {_interval(e['wdr'].get('ci_fixed_model'))} |"
         )
     return "\n".join(lines)
 

@@ -103,8 +103,9 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, run: d
         if identified is not None:
             lines.append(f"| FQE, identified interval (`ci_identified`) | {_fmt(est['fqe']['estimate'])} "
                          f"[{_fmt(identified[0])}, {_fmt(identified[1])}] | {observed_text} |")  # fmt: skip
-            note = (f"FQE's identified interval: {est['fqe'].get('interval_identified')}. The FQE row's interval "
-                    "is the fitting interval, which cannot show the value of actions the data never logged.")  # fmt: skip
+            note = (f"FQE's identified interval: {est['fqe'].get('interval_identified')}. The FQE row's "
+                    "interval is the fitting interval, which cannot show the value of actions the data never "
+                    "logged.")  # fmt: skip
         else:
             note = None
         if evaluation.get("exact"):

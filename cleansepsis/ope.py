@@ -15,6 +15,9 @@ Conventions (see docs/evaluation.md):
   the admissible actions. Softening changes the policy being evaluated; the report states eps.
 - Truncated episodes: IS estimators use the observed return; WDR and FQE bootstrap the value of the last
   next state, as the replay format intends for truncation.
+- Intervals for small held-out sets (docs/evaluation.md): WDR's refits tabular FQE on every resample;
+  tabular FQE also gives `ci_identified`, a partial-identification interval for the values of actions
+  the data never logged, beside its fitting interval `ci_low`/`ci_high`.
 """
 
 from __future__ import annotations
@@ -247,7 +250,8 @@ def weight_stats(inputs: ISInputs) -> dict[str, float]:
 SMALL_HELD_OUT_EPISODES = 100  # fewer held-out episodes: percentile bootstrap intervals are unreliable
 MIN_ESS_SHARE = 0.10  # ESS below this share of the episodes: the IS estimates rest on a few episodes
 # or below this many effective episodes, whatever the share: on ICU-Sepsis the 95% intervals of WIS and
-# WDR with FQE's Q held fixed covered the exact value in only 74-88% of datasets with ESS 23-82 (docs/evaluation.md)
+# of WDR with FQE's Q held fixed covered the exact value in only 74-88% of datasets with ESS 23-82
+# (docs/evaluation.md)
 MIN_ESS = 50
 MAX_WEIGHT_SHARE = 0.25  # the largest episode weight above this share of the total: one stay dominates
 MAX_BEHAVIOR_ECE = 0.10  # behaviour model's expected calibration error on the evaluated data above this
@@ -318,13 +322,15 @@ def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 _IS_FUNCTIONS = {"wis": wis, "pdwis": pdwis, "wdr": wdr}
 
 
-def _value_and_variance(fn, inputs: ISInputs, counts: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def _value_and_variance(
+    fn, inputs: ISInputs, counts: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """The estimate at `counts`, its delta-method variance and the episodes' empirical influence values.
 
     Every estimator here is homogeneous of degree 0 in the counts (a ratio of count-weighted sums), so
     with p = counts / n the influence of episode i is L_i = d estimate / d p_i = n * d estimate / d
     counts_i (exact, by autodiff), sum_i counts_i L_i = 0, and the nonparametric delta-method variance is
-    sum_i counts_i L_i^2 / n^2 (Efron & Tibshirani 1993, ch. 21)."""
+    sum_i counts_i L_i^2 / n^2 (the nonparametric delta method; Efron & Tibshirani 1993)."""
     value, grad = jax.value_and_grad(lambda c: fn(inputs, c))(counts)
     n = counts.sum()
     influence = n * grad
@@ -337,7 +343,8 @@ def _bootstrap_is(inputs: ISInputs, counts: jnp.ndarray) -> dict[str, jnp.ndarra
     all_counts = jnp.concatenate([jnp.ones((1, counts.shape[1]), jnp.float32), counts])
     out = {}
     for name, fn in _IS_FUNCTIONS.items():
-        values, variances, influence = jax.vmap(lambda c, fn=fn: _value_and_variance(fn, inputs, c))(all_counts)
+        one = jax.vmap(lambda c, fn=fn: _value_and_variance(fn, inputs, c))
+        values, variances, influence = one(all_counts)
         out[name], out[name + "_boot"] = values[0], values[1:]
         out[name + "_var"], out[name + "_boot_var"] = variances[0], variances[1:]
         out[name + "_influence"] = influence[0]
@@ -359,8 +366,8 @@ def bootstrap_t_interval(
 ) -> tuple[float, float]:
     """Studentized (bootstrap-t) interval [est - t_hi se, est - t_lo se], t the quantiles of
     (sample - est) / sample_se over the resamples, each resample's se by the delta method on that
-    resample (Efron & Tibshirani 1993, ch. 12.5; Hall 1988): it follows the skew of a ratio estimator
-    whose spread grows with its value, which the percentile interval does not."""
+    resample (Hall 1988, Ann. Statist. 16(3); Efron & Tibshirani 1993): it follows the skew of a ratio
+    estimator whose spread grows with its value, which the percentile interval does not."""
     samples, sample_se = np.asarray(samples, np.float64), np.asarray(sample_se, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = (samples - estimate) / sample_se
@@ -368,12 +375,15 @@ def bootstrap_t_interval(
     if t.size == 0 or not np.isfinite(se):
         return (float("nan"), float("nan"))
     t_lo, t_hi = np.quantile(t, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
-    return (float(estimate - t_hi * se), float(estimate - t_lo * se))
+    with np.errstate(invalid="ignore"):  # an infinite t times se 0 (every weight zero): NaN, no interval
+        return (float(estimate - t_hi * se), float(estimate - t_lo * se))
 
 
-def bca_interval(estimate: float, samples: np.ndarray, influence: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Bias-corrected and accelerated percentile interval (Efron 1987): z0 from the share of resamples
-    below the estimate, the acceleration a = sum L^3 / (6 (sum L^2)^1.5) from the influence values L
+def bca_interval(
+    estimate: float, samples: np.ndarray, influence: np.ndarray, level: float = 0.95
+) -> tuple[float, float]:
+    """Bias-corrected and accelerated percentile interval (Efron 1987, JASA 82(397)): z0 from the share of
+    resamples below the estimate, the acceleration a = sum L^3 / (6 (sum L^2)^1.5) from the influence values L
     (what the jackknife approximates). Percentiles at Phi(z0 + (z0 + z) / (1 - a (z0 + z)))."""
     samples = np.asarray(samples, np.float64)
     samples = samples[np.isfinite(samples)]
@@ -464,7 +474,7 @@ def wdr_refit_bootstrap(
             lambda x: (x.q_logged, x.v_state, x.v_tail),
             inputs,
             (
-                jnp.where(inputs.valid, jnp.take_along_axis(q_state, model.action[..., None], -1)[..., 0], 0.0),
+                jnp.where(inputs.valid, jnp.take_along_axis(q_state, model.action[..., None], -1)[..., 0], 0),
                 (model.target * q_state).sum(-1),
                 (model.tail_target * q[model.tail_state]).sum(-1),
             ),
@@ -646,9 +656,10 @@ def tabular_fqe_bounds(
     beta = model.policy.reshape(-1)[model.pair] * weight / jnp.maximum(pair_weight[model.pair], 1e-12)
     step = gamma * model.not_done
     reward_seen = jax.ops.segment_sum(beta * model.reward, model.state, n_states)
-    transition = jnp.zeros((n_states, n_states), jnp.float32).at[model.state, model.next_state].add(beta * step)
-    transition = jnp.where(logged[:, None], transition, 0.0)
-    rhs = jnp.where(logged, reward_seen, 0.0)[:, None] + unidentified[:, None] * value_bounds[None, :]  # (S, 2)
+    transition = jnp.zeros((n_states, n_states), jnp.float32)
+    transition = jnp.where(logged[:, None], transition.at[model.state, model.next_state].add(beta * step), 0.0)
+    bounded = unidentified[:, None] * value_bounds[None, :]
+    rhs = jnp.where(logged, reward_seen, 0.0)[:, None] + bounded  # (S, 2): lower and upper end
 
     def iterate(v: jnp.ndarray, _: None) -> tuple[jnp.ndarray, None]:
         return rhs + transition @ v, None
@@ -735,7 +746,8 @@ def tabular_fqe_estimate(
         "n_iterations": f"exact fixed point (linear solve) + {n_iterations} FQE iterations",
         "interval": "refit on each episode resample",
         "interval_identified": (
-            f"partial identification: Q of never-logged (state, action) pairs and states in [{low:g}, {high:g}]; "
+            f"partial identification: Q of never-logged (state, action) pairs and states in "
+            f"[{low:g}, {high:g}]; "
             "2.5% quantile of the refitted lower bound to 97.5% quantile of the refitted upper bound"
         ),
     }
@@ -953,8 +965,8 @@ def off_policy_evaluation(
             raise OPEError("tabular FQE needs n_states (the number of tabular states)")
         bounds = returns_to_go_range(data, layout, gamma) if value_bounds is None else value_bounds
         fqe_result, q_table, boot_q = tabular_fqe_estimate(
-            fqe_data, state_index, np.asarray(data.next_state_index), n_states, gamma, counts, value_bounds=bounds,
-            return_boot_q=True,
+            fqe_data, state_index, np.asarray(data.next_state_index), n_states, gamma, counts,
+            value_bounds=bounds, return_boot_q=True,
         )  # fmt: skip
         q_obs = np.asarray(q_table)[state_index]
         q_next = np.asarray(q_table)[np.clip(np.asarray(data.next_state_index), 0, n_states - 1)]
@@ -988,7 +1000,8 @@ def off_policy_evaluation(
             layout, state_index, actions, soft, np.asarray(data.next_state_index), soft_next,
             np.asarray(data.truncated), n_states,
         )  # fmt: skip
-        boot, boot_var = (np.asarray(x, np.float64) for x in wdr_refit_bootstrap(inputs, refit_model, counts, boot_q))
+        refits = wdr_refit_bootstrap(inputs, refit_model, counts, boot_q)
+        boot, boot_var = (np.asarray(x, np.float64) for x in refits)
         w = estimates["wdr"]
         w["ci_refit"] = list(interval(boot, 0.95))
         w["ci_refit_bootstrap_t"] = list(
@@ -1000,7 +1013,7 @@ def off_policy_evaluation(
         w["ci_low"], w["ci_high"] = w["ci_refit"]
         w["interval"] = "percentile of WDR on each episode resample with FQE refitted on that resample"
     else:
-        estimates["wdr"]["interval"] = "percentile of WDR on each episode resample, FQE's Q fixed (full-data fit)"
+        estimates["wdr"]["interval"] = "percentile of WDR on each episode resample, FQE's Q fixed (one fit)"
     estimates["fqe"] = fqe_result
     weights = weight_stats(inputs)
     returns = np.asarray((inputs.reward * _discounts(inputs)).sum(axis=1))

@@ -104,7 +104,8 @@ def forest_plot(
             if np.isfinite(est["ci_low"]) and np.isfinite(est["ci_high"]):
                 ax.plot([est["ci_low"], est["ci_high"]], [y + offset] * 2, color=color, lw=1)
                 ax.plot([est["ci_low"], est["ci_high"]], [y + offset] * 2, "|", color=color, markersize=5)
-            ax.plot(est["estimate"], y + offset, marker, color=color, markersize=4, label=label if i == 0 else None)
+            ax.plot(est["estimate"], y + offset, marker, color=color, markersize=4,
+                    label=label if i == 0 else None)  # fmt: skip
         if row.get("exact") is not None:
             ax.plot([row["exact"]] * 2, [y - 0.4, y + 0.4], color="red", lw=2, label="exact" if i == 0 else None)
     ax.set_yticks(range(len(rows)), [r["label"] for r in rows][::-1], fontsize=8)

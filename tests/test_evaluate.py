@@ -138,7 +138,8 @@ def test_small_held_out_set_is_flagged_in_tables_json_and_model_card(tmp_path, c
     # the intervals for small held-out sets, by name, in the JSON, the tables and the model card
     fqe = report["policies"][1]["ope"]["estimators"]["fqe"]
     low, high = fqe["ci_identified"]
-    assert low <= fqe["identified_set"][0] <= fqe["identified_set"][1] <= high and fqe["value_bounds"] == [0, 1]
+    assert low <= fqe["identified_set"][0] <= fqe["identified_set"][1] <= high
+    assert fqe["value_bounds"] == [0, 1]
     wdr = report["policies"][1]["ope"]["estimators"]["wdr"]
     assert [wdr["ci_low"], wdr["ci_high"]] == wdr["ci_refit"] and "FQE refitted" in wdr["interval"]
     assert len(wdr["ci_fixed_model"]) == 2 and len(wdr["ci_bootstrap_t"]) == 2 and wdr["se"] >= 0

@@ -77,7 +77,9 @@ BEHAVIOUR = np.where(np.arange(N) < 3, 0.02, 0.5)
 
 def heavy_tailed_inputs() -> ope.ISInputs:
     layout = ope.episode_layout(np.arange(N), np.zeros(N, int))
-    return ope.make_is_inputs(layout, REWARD, np.full(N, 0.5), BEHAVIOUR, 1.0, q_logged=Q_LOGGED, v_state=V_STATE)
+    return ope.make_is_inputs(
+        layout, REWARD, np.full(N, 0.5), BEHAVIOUR, 1.0, q_logged=Q_LOGGED, v_state=V_STATE
+    )
 
 
 def wdr_by_hand(c: np.ndarray) -> tuple[float, float, np.ndarray]:
@@ -141,12 +143,17 @@ def test_wdr_interval_refits_fqe_on_every_resample_as_computed_by_hand():
 
     def wdr_refit(c):
         state_mean = (c * r).sum() / c.sum()
-        q = [(c * r * (a == k)).sum() / (c * (a == k)).sum() if (c * (a == k)).sum() > 0 else state_mean for k in (0, 1)]
+        q = [
+            (c * r * (a == k)).sum() / (c * (a == k)).sum() if (c * (a == k)).sum() > 0 else state_mean
+            for k in (0, 1)
+        ]
         q_logged = np.asarray(q)[a]
         return (c * w * (r - q_logged)).sum() / (c * w).sum() + 0.5 * (q[0] + q[1])
 
     by_hand = np.array([wdr_refit(c) for c in counts])
-    assert [wdr["ci_low"], wdr["ci_high"]] == pytest.approx(list(np.quantile(by_hand, [0.025, 0.975])), abs=1e-5)
+    assert [wdr["ci_low"], wdr["ci_high"]] == pytest.approx(
+        list(np.quantile(by_hand, [0.025, 0.975])), abs=1e-5
+    )
     assert wdr["ci_refit"] == [wdr["ci_low"], wdr["ci_high"]]
     assert wdr["estimate"] == pytest.approx(wdr_refit(np.ones(30)), abs=1e-5)
     # the old interval (Q fixed at the full-data fit) differs: it omits the model's own resampling noise
