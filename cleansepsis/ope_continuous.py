@@ -17,6 +17,8 @@ before the fit). The estimate is the mean over episodes of mean_j Q(s_0, a_0j). 
 fit's own uncertainty, as the discrete neural FQE's does: the fit is repeated `n_refits` times under one
 `jax.vmap`, each on one resample of the EPISODES (squared errors weighted by how often the episode was
 drawn) from a fresh initialisation and minibatch stream; the interval is estimate +- z * their sd.
+With `history_lags` k > 0, Q also sees the episode's k previous (obs, dose) steps (`history_features`):
+for an observation that is not a Markov state, FQE on it is biased for targets other than the behaviour.
 
 Importance sampling (WIS, per-decision WIS, WDR with FQE's Q as the model) reuses `cleansepsis.ope` with
 rho_t = pi_e(a_t|s_t) / pi_b(a_t|s_t), a ratio of densities (both per mg). A deterministic target has no
