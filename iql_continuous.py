@@ -34,7 +34,7 @@ import tyro
 from cleansepsis import runs
 from cleansepsis import vancomycin as V
 from cleansepsis.model_card import write_continuous_run_cards
-from cleansepsis.networks import MLP, layer_names
+from cleansepsis.networks import MLP, layer_names, structure
 from cleansepsis.replay import Transitions
 
 
@@ -218,13 +218,13 @@ def gaussian_log_prob(mean: jnp.ndarray, log_std: jnp.ndarray, action: jnp.ndarr
 def network_statics(args: Args, obs_dim: int) -> dict[str, Any]:
     """The non-array parts of the twin Q, V and actor networks; train carries only their arrays."""
     key = jax.random.PRNGKey(0)  # only fixes the structure; values come from train's own key
-
-    def static(model):
-        return eqx.partition(model, eqx.is_array)[1]
-
-    twin = eqx.filter_vmap(lambda k: make_mlp(obs_dim + 1, "scalar", args, k))(jax.random.split(key, 2))
-    return {"q": static(twin), "v": static(make_mlp(obs_dim, "scalar", args, key)),
-            "pi": static(Actor(obs_dim, args, key))}
+    return {
+        "q": structure(
+            lambda: eqx.filter_vmap(lambda k: make_mlp(obs_dim + 1, "scalar", args, k))(jax.random.split(key, 2))
+        ),
+        "v": structure(lambda: make_mlp(obs_dim, "scalar", args, key)),
+        "pi": structure(lambda: Actor(obs_dim, args, key)),
+    }
 
 
 def make_policy(pi_params: Any, pi_static: Any, norm: Normaliser) -> V.Policy:
