@@ -203,14 +203,27 @@ def load_params(strategy: str = "mean", obs_mode: str = "vector", max_steps: int
 
 
 @functools.cache
+def _device_arrays(strategy: str) -> dict[str, Any]:
+    """The float32 kernel and the alias tables on the device, shared by every obs_mode/max_steps variant of
+    a strategy (one copy each instead of one per variant: the kernel alone is 51 MB)."""
+    import jax.numpy as jnp
+
+    return {
+        "tx": jnp.asarray(transition_matrix(strategy), jnp.float32),
+        **{name: jnp.asarray(table) for name, table in _numpy_params(strategy).items()},
+    }
+
+
+@functools.cache
 def _load_params(strategy: str, obs_mode: str, max_steps: int) -> EnvParams:
     raw = shipped_arrays()
+    device = _device_arrays(strategy)
     terminal = np.zeros(N_STATES, bool)
     terminal[list(TERMINAL_STATES)] = True
     reward = np.zeros(N_STATES)
     reward[SURVIVAL] = 1.0
     return mdp.make_params(
-        tx=transition_matrix(strategy),
+        tx=device["tx"],
         start_dist=raw["d_0"],
         reward_next=reward,
         terminal=terminal,
@@ -222,7 +235,7 @@ def _load_params(strategy: str, obs_mode: str, max_steps: int) -> EnvParams:
         spec=("icu-sepsis", strategy),
         strategy=strategy,
         obs_mode=obs_mode,
-        tables=_numpy_params(strategy),
+        tables={name: device[name] for name in _numpy_params(strategy)},
     )
 
 

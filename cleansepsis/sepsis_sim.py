@@ -486,8 +486,12 @@ def _device_tx(version: str):
 
 
 @functools.cache
-def _tables(version: str, start: str) -> dict[str, np.ndarray]:
-    return mdp.numpy_tables(transition_matrix(version), start_distribution(start))
+def _tables(version: str, start: str) -> dict[str, Any]:
+    """The alias tables on the device, shared by every observation/obs_mode variant of a version and start."""
+    import jax.numpy as jnp
+
+    tables = mdp.numpy_tables(transition_matrix(version), start_distribution(start))
+    return {name: jnp.asarray(table) for name, table in tables.items()}
 
 
 def load_params(

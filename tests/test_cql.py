@@ -128,8 +128,9 @@ def test_full_batch_loss_equals_the_minibatch_loss_over_the_whole_replay():
     params, _ = eqx.partition(MLP(3, 5, (16,), jax.random.PRNGKey(0)), eqx.is_array)
     target_params, _ = eqx.partition(MLP(3, 5, (16,), jax.random.PRNGKey(1)), eqx.is_array)
     hp = hparams(alpha=0.7, gamma=0.9)
-    (loss, terms), grads = jax.value_and_grad(cql.cql_loss, has_aux=True)(params, static, target_params, data, hp)
-    (full_loss, full_terms), full_grads = jax.value_and_grad(cql.full_batch_cql_loss, has_aux=True)(
+    value_and_grad = eqx.filter_jit(jax.value_and_grad(cql.cql_loss, has_aux=True))  # one program, not op by op
+    (loss, terms), grads = value_and_grad(params, static, target_params, data, hp)
+    (full_loss, full_terms), full_grads = eqx.filter_jit(jax.value_and_grad(cql.full_batch_cql_loss, has_aux=True))(
         params, static, target_params, distinct, hp
     )
     np.testing.assert_allclose(full_loss, loss, rtol=1e-5)

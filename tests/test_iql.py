@@ -87,8 +87,9 @@ def test_full_batch_losses_equal_the_minibatch_losses_over_the_whole_replay():
     v, pi = arrays(iql.make_mlp(3, "scalar", args, keys[4])), arrays(iql.make_mlp(3, 5, args, keys[3]))
     params = iql.Params(q=q, q_target=q_target, v=v, pi=pi)
     hp = {"tau": jnp.float32(0.8), "beta": jnp.float32(2.0), "learning_rate": jnp.float32(1e-3)}
-    (loss, terms), grads = jax.value_and_grad(losses, has_aux=True)(params, data, hp)
-    (full_loss, full_terms), full_grads = jax.value_and_grad(full_batch_losses, has_aux=True)(params, distinct, hp)
+    (loss, terms), grads = eqx.filter_jit(jax.value_and_grad(losses, has_aux=True))(params, data, hp)
+    full_value_and_grad = eqx.filter_jit(jax.value_and_grad(full_batch_losses, has_aux=True))
+    (full_loss, full_terms), full_grads = full_value_and_grad(params, distinct, hp)
     np.testing.assert_allclose(full_loss, loss, rtol=1e-5)
     for name in terms:
         np.testing.assert_allclose(full_terms[name], terms[name], rtol=1e-5, atol=1e-6, err_msg=name)
