@@ -51,6 +51,10 @@ class Args:
     """Adam steps per FQE iteration."""
     hidden: int = 128
     """Width of the Q network's two hidden layers."""
+    batch_size: int = 512
+    """Minibatch of each Adam step (larger batches cost little more per step on a CPU)."""
+    learning_rate: float = 1e-3
+    """Adam's rate at the start of each FQE iteration (cosine-decayed within it)."""
     dose_encoding: str = "bounds"
     """How the dose enters the Q network: "standardised" (dose and log dose) or "bounds" ([-1, 1])."""
     history_lags: int = 0
@@ -234,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         targets = [t for t in targets if t[0].name in args.targets]
     config = oc.ContinuousFQEConfig(hidden=args.hidden, n_iterations=args.fqe_iterations,
                                     steps_per_iteration=args.fqe_steps, dose_encoding=args.dose_encoding,
-                                    history_lags=args.history_lags)  # fmt: skip
+                                    history_lags=args.history_lags, batch_size=args.batch_size,
+                                    learning_rate=args.learning_rate)  # fmt: skip
     # true values first: one Monte Carlo per target, on the same patients for every target
     truth = {}
     for target, _, sim_policy in targets:
@@ -306,7 +311,8 @@ def table(rows: list[dict], args: Args, observed_means: list[float]) -> str:
     lines = [
         f"Logged: {args.episodes} clinician episodes per replay, seeds {list(args.seeds)} (observed returns "
         f"{', '.join(f'{m:.3f}' for m in observed_means)}). FQE: Q on {features}, MLP {args.hidden}x2, "
-        f"{args.fqe_iterations} iterations x {args.fqe_steps} steps, SE = sd of {args.refits} refits on episode "
+        f"{args.fqe_iterations} iterations x {args.fqe_steps} steps of batch {args.batch_size} (rate "
+        f"{args.learning_rate:g}), SE = sd of {args.refits} refits on episode "
         f"resamples. MC: {args.mc_patients} patients (seed {args.mc_seed}). Error in SEs: (FQE - MC) / "
         "sqrt(MC SE^2 + FQE SE^2); within 2 SE when |error| <= 2 of them.",
         "",

@@ -281,6 +281,16 @@ def _q_many(network: DoseQNetwork, obs: jnp.ndarray, doses: jnp.ndarray) -> jnp.
     return jax.vmap(lambda o, ds: jax.vmap(lambda d: network(o, d))(ds))(obs, doses)
 
 
+TARGET_CHUNK = 4_096  # rows per batch when the frozen Q's targets are computed for every transition
+
+
+def bellman_targets(frozen: DoseQNetwork, data: ContinuousFQEData, gamma: float) -> jnp.ndarray:
+    """(N,) r + gamma * (1 - terminated) * mean_j Q_frozen(s', a'_j) for every transition, in chunks of rows."""
+    next_value = jax.lax.map(lambda row: jax.vmap(lambda d: frozen(row[0], d))(row[1]).mean(),
+                             (data.next_obs, data.next_doses), batch_size=TARGET_CHUNK)  # fmt: skip
+    return data.reward + gamma * data.not_done * next_value
+
+
 def continuous_fqe(
     data: ContinuousFQEData,
     gamma: float,
@@ -289,12 +299,17 @@ def continuous_fqe(
     counts: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, DoseQNetwork, jnp.ndarray]:
     """One FQE fit (pure; jit or vmap it). `counts` (E,) weights each episode (a bootstrap resample;
-    None: every episode once). Returns (value, network, mean loss per iteration)."""
+    None: every episode once). Returns (value, network, mean loss per iteration).
+
+    Each iteration computes the frozen Q's Bellman target once for every transition (N * K forward
+    passes) and then regresses on minibatches of those rows: the targets are the same numbers a per-minibatch
+    evaluation of the frozen Q gives, without recomputing them at every one of the iteration's steps."""
     init_key, train_key = jax.random.split(key)
     model = DoseQNetwork(data.obs.shape[1], data.dose.shape[1], config.hidden, init_key)
     params, static = eqx.partition(model, eqx.is_array)
     # each iteration is a regression of its own: Adam restarts, its rate decays to a small share, so the
-    # fit ends near the minimiser instead of wherever the last noisy step left it (a bias in the mean)
+    # fit ends near the minimiser instead of wherever the last noisy step left it (a bias in the mean);
+    # the network itself carries over (a warm start from the previous iteration's Q)
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps_per_iteration, config.final_lr_share)
     optimiser = optax.adam(schedule)
     n = data.obs.shape[0]
@@ -308,14 +323,12 @@ def continuous_fqe(
         return jnp.sum(w * (q - target) ** 2) / jnp.maximum(w.sum(), 1e-6)
 
     def outer(p, key):
-        frozen = eqx.combine(p, static)
+        targets = bellman_targets(eqx.combine(p, static), data, gamma)  # (N,) from the frozen Q_k
 
         def inner(c, k):
             p, opt_state = c
             idx = jax.random.randint(k, (config.batch_size,), 0, n)
-            next_value = _q_many(frozen, data.next_obs[idx], data.next_doses[idx]).mean(-1)  # (B,)
-            target = data.reward[idx] + gamma * data.not_done[idx] * next_value
-            loss, grads = jax.value_and_grad(loss_fn)(p, idx, target)
+            loss, grads = jax.value_and_grad(loss_fn)(p, idx, targets[idx])
             updates, opt_state = optimiser.update(grads, opt_state, p)
             return (optax.apply_updates(p, updates), opt_state), loss
 
@@ -330,13 +343,11 @@ def continuous_fqe(
     return (counts * v0).sum() / counts.sum(), network, losses
 
 
-_continuous_fqe_jit = eqx.filter_jit(continuous_fqe)
-
-
 @eqx.filter_jit
-def _continuous_fqe_refits(data, gamma, keys, counts, config):
-    """One refit per row of `counts`, each from its own initialisation and minibatches, under one vmap."""
-    return jax.vmap(lambda k, c: continuous_fqe(data, gamma, k, config, c)[0])(keys, counts)
+def _continuous_fqe_fits(data, gamma, keys, counts, config):
+    """One fit per row of `counts` (episode weights), each from its own initialisation and minibatches,
+    under one vmap: (values (R,), networks stacked along a leading axis, losses (R, n_iterations))."""
+    return eqx.filter_vmap(lambda k, c: continuous_fqe(data, gamma, k, config, c))(keys, counts)
 
 
 def make_continuous_fqe_data(
@@ -380,29 +391,35 @@ def continuous_fqe_estimate(
     level: float = 0.95,
 ) -> tuple[dict[str, Any], DoseQNetwork]:
     """FQE's estimate and its interval from `n_refits` refits on the first rows of `counts` (episode
-    resamples). n_refits 0 or 1: no interval (NaN bounds), said in the result."""
+    resamples). n_refits 0 or 1: no interval (NaN bounds), said in the result. The estimate (every episode
+    once) and the refits are fitted together, under one vmap in one compiled program."""
     if n_refits < 0:
         raise OPEError(f"n_refits must be >= 0, got {n_refits}")
-    value, network, losses = _continuous_fqe_jit(fqe_data, float(gamma), key, config)
+    n_refits = min(n_refits, int(counts.shape[0]))
+    with_refits = n_refits >= 2
+    keys = jnp.stack([key, *jax.random.split(jax.random.fold_in(key, 1), n_refits)]) if with_refits else key[None]
+    all_counts = jnp.ones((1, counts.shape[1]), jnp.float32)
+    if with_refits:
+        all_counts = jnp.concatenate([all_counts, jnp.asarray(counts[:n_refits], jnp.float32)])
+    values, networks, losses = _continuous_fqe_fits(fqe_data, float(gamma), keys, all_counts, config)
+    values = np.asarray(values, np.float64)
+    network = jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, networks)
+    value = float(values[0])
     result: dict[str, Any] = {
-        "estimate": float(value),
+        "estimate": value,
         "features": f"MLP on (standardised obs{_history_text(config.history_lags)}, dose encoded "
         f"{config.dose_encoding!r}) ({config.hidden}x2, relu)",
         "history_lags": config.history_lags,
         "n_iterations": config.n_iterations,
         "steps_per_iteration": config.steps_per_iteration,
-        "final_loss": float(losses[-1]),
+        "final_loss": float(losses[0, -1]),
         "n_action_samples": int(fqe_data.next_doses.shape[1]),
     }
-    n_refits = min(n_refits, int(counts.shape[0]))
-    if n_refits >= 2:
-        keys = jax.random.split(jax.random.fold_in(key, 1), n_refits)
-        refits = np.asarray(_continuous_fqe_refits(fqe_data, float(gamma), keys, counts[:n_refits], config))
-        spread = float(np.std(refits, ddof=1))
+    if with_refits:
+        spread = float(np.std(values[1:], ddof=1))
         z = float(jax.scipy.stats.norm.ppf((1 + level) / 2))
         result.update(
-            ci_low=float(value) - z * spread, ci_high=float(value) + z * spread, boot_std=spread,
-            n_refits=n_refits,
+            ci_low=value - z * spread, ci_high=value + z * spread, boot_std=spread, n_refits=n_refits,
             interval=f"estimate +- {z:.2f} sd of {n_refits} refits on episode resamples (fresh init each)",
         )  # fmt: skip
     else:

@@ -234,3 +234,48 @@ def test_history_features_remove_the_bias_of_a_non_markov_observation():
     assert on_obs["estimate"] < truth - 0.04
     assert with_history["estimate"] == pytest.approx(truth, abs=0.02)
     assert with_history["history_lags"] == 1 and "previous (obs, dose)" in with_history["features"]
+
+
+def _tiny_fqe_data(n_episodes: int = 40, n_samples: int = 3):
+    data = logged_data(n_episodes, seed=7)
+    obs, next_obs, action = (np.asarray(x) for x in (data.obs, data.next_obs, data.action))
+    layout = oc.ope.episode_layout(data.episode_id, data.t)
+    rng = np.random.default_rng(0)
+    next_doses = rng.uniform(0, HIGH_DOSE, (len(action), n_samples))
+    first_doses = rng.uniform(0, HIGH_DOSE, (layout.n_episodes, n_samples))
+    scaling = oc.make_scaling(obs, next_obs, action, 0.0, HIGH_DOSE, "bounds")
+    return oc.make_continuous_fqe_data(obs, action, np.asarray(data.reward), next_obs, np.asarray(data.terminated),
+                                       layout, next_doses, first_doses, scaling), layout  # fmt: skip
+
+
+def test_bellman_targets_are_the_frozen_q_at_every_next_state_in_any_chunking(monkeypatch):
+    fqe_data, _ = _tiny_fqe_data()
+    network = oc.DoseQNetwork(2, 1, 8, jax.random.key(3))
+    rows = zip(np.asarray(fqe_data.next_obs), np.asarray(fqe_data.next_doses), strict=True)
+    next_value = np.array([[float(network(o, d)) for d in ds] for o, ds in rows]).mean(1)
+    expected = np.asarray(fqe_data.reward) + 0.9 * np.asarray(fqe_data.not_done) * next_value
+    assert np.ptp(np.asarray(fqe_data.not_done)) == 1  # terminal steps are among the rows: they must not bootstrap
+    for chunk in (oc.TARGET_CHUNK, 7):  # 80 rows: one chunk, or 11 chunks and a remainder of 3
+        monkeypatch.setattr(oc, "TARGET_CHUNK", chunk)
+        np.testing.assert_allclose(np.asarray(oc.bellman_targets(network, fqe_data, 0.9)), expected, atol=1e-5)
+
+
+def test_the_estimate_and_its_refits_are_the_single_fits_with_the_same_keys():
+    # one vmapped program fits the estimate (every episode once) and the refits: each of its numbers must be
+    # the fit that key and those episode weights give alone
+    fqe_data, layout = _tiny_fqe_data()
+    tiny = oc.ContinuousFQEConfig(hidden=8, n_iterations=2, steps_per_iteration=15, batch_size=32)
+    key = jax.random.key(11)
+    counts = oc.ope.bootstrap_counts(jax.random.key(2), layout.n_episodes, 5)
+    result, network = oc.continuous_fqe_estimate(fqe_data, 1.0, key, counts, tiny, n_refits=3)
+    alone, alone_network, _ = oc.continuous_fqe(fqe_data, 1.0, key, tiny)
+    assert result["estimate"] == pytest.approx(float(alone), abs=1e-5)
+    refit_keys = jax.random.split(jax.random.fold_in(key, 1), 3)
+    refits = [float(oc.continuous_fqe(fqe_data, 1.0, k, tiny, jnp.asarray(c, jnp.float32))[0])
+              for k, c in zip(refit_keys, counts[:3], strict=True)]  # fmt: skip
+    assert result["boot_std"] == pytest.approx(np.std(refits, ddof=1), rel=1e-3)
+    obs, doses = np.asarray(fqe_data.obs[:5]), np.asarray(fqe_data.dose[:5])
+    np.testing.assert_allclose(jax.vmap(network)(obs, doses),
+                               jax.vmap(alone_network)(obs, doses), atol=1e-5)  # fmt: skip
+    single, _ = oc.continuous_fqe_estimate(fqe_data, 1.0, key, counts, tiny, n_refits=1)
+    assert single["estimate"] == pytest.approx(float(alone), abs=1e-5) and np.isnan(single["boot_std"])
