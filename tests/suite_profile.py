@@ -9,6 +9,7 @@ this process's resident memory (VmRSS) and of its peak (VmHWM). Linux only (it r
 from __future__ import annotations
 
 import csv
+import os
 import resource
 import time
 from collections import defaultdict
@@ -34,8 +35,6 @@ def _cpu_seconds() -> tuple[float, float]:
 
 class SuiteProfile:
     def __init__(self, path: str):
-        import os
-
         # Under pytest-xdist every worker profiles its own tests: one table per worker.
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         self.path = f"{path}.{worker}" if worker else path
