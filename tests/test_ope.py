@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cleansepsis import ope, safety
-from cleansepsis.replay import Transitions, take_rows
+from cleansepsis.replay import Transitions
 
 
 def make_transitions(episodes: list[list[tuple[int, int, float, int, bool]]], n_actions: int = 2) -> Transitions:
@@ -84,29 +84,40 @@ def test_every_estimator_gets_the_hand_computed_value_of_a_stochastic_policy(gam
 
 def test_deterministic_target_keeps_only_matching_trajectories():
     table = table_policy({0: 1.0, 1: 1.0, 2: 0.0})  # a0 then a0: return 1
-    result = evaluate(two_step_data(), table)
+    # a behaviour model off by a mile on top: four episodes, one carrying all the weight, so every
+    # small-data warning fires, in the result of off_policy_evaluation
+    result = evaluate(two_step_data(), table, behavior_ece=0.39)
     for name in ope.ESTIMATORS:
         assert result["estimators"][name]["estimate"] == pytest.approx(1.0, abs=1e-5), name
     weights = result["weights"]
     assert weights["share_zero_weight"] == pytest.approx(0.75)
     assert weights["max_weight"] == pytest.approx(4.0)
     assert weights["ess"] == pytest.approx(1.0)
+    assert weights["max_weight_share"] == pytest.approx(1.0)
+    codes = [w["code"] for w in result["warnings"]]
+    assert codes == ["small-held-out-set", "low-ess", "dominant-weight", "behavior-miscalibrated"]
+    assert result["n_episodes"] == 4 and "only 4 held-out episodes" in result["warnings"][0]["message"]
+
+
+# The small datasets below have 4 episodes, as two_step_data: the tests share its compiled programs.
 
 
 def test_one_step_episodes():
-    data = make_transitions([[(0, 0, 1.0, 3, True)], [(0, 1, 0.0, 3, True)], [(0, 0, 1.0, 3, True)]])
+    steps = [(0, 0, 1.0, 3, True), (0, 1, 0.0, 3, True), (0, 0, 1.0, 3, True), (0, 0, 0.0, 3, True)]
+    data = make_transitions([[step] for step in steps])
     table = table_policy({0: 0.25})
-    # WIS: weights 0.5, 1.5, 0.5 on returns 1, 0, 1 -> 1 / 2.5
+    # WIS: weights 0.5, 1.5, 0.5, 0.5 on returns 1, 0, 1, 0 -> 1 / 3
     result = evaluate(data, table)
-    assert result["estimators"]["wis"]["estimate"] == pytest.approx(0.4, abs=1e-6)
-    assert result["estimators"]["pdwis"]["estimate"] == pytest.approx(0.4, abs=1e-6)
-    # FQE sees Q(s0, a0) = 1, Q(s0, a1) = 0, so 0.25 exactly; WDR corrects to the same model value
-    assert result["estimators"]["fqe"]["estimate"] == pytest.approx(0.25, abs=1e-6)
-    assert result["estimators"]["wdr"]["estimate"] == pytest.approx(0.25, abs=1e-6)
+    assert result["estimators"]["wis"]["estimate"] == pytest.approx(1 / 3, abs=1e-6)
+    assert result["estimators"]["pdwis"]["estimate"] == pytest.approx(1 / 3, abs=1e-6)
+    # FQE sees Q(s0, a0) = 2/3, Q(s0, a1) = 0, so 0.25 * 2/3 exactly; WDR corrects to the same model value
+    # (its weighted residuals 0.5 * (1/3 + 1/3 - 2/3) + 1.5 * 0 sum to zero)
+    assert result["estimators"]["fqe"]["estimate"] == pytest.approx(1 / 6, abs=1e-6)
+    assert result["estimators"]["wdr"]["estimate"] == pytest.approx(1 / 6, abs=1e-6)
 
 
 def test_all_weights_zero_gives_nan_not_a_number_that_looks_real():
-    data = make_transitions([[(0, 1, 0.0, 3, True)], [(0, 1, 1.0, 3, True)]])
+    data = make_transitions([[(0, 1, r, 3, True)] for r in (0.0, 1.0, 1.0, 0.0)])
     result = evaluate(data, table_policy({0: 1.0}))
     assert np.isnan(result["estimators"]["wis"]["estimate"])
     assert np.isnan(result["estimators"]["pdwis"]["estimate"])
@@ -114,11 +125,13 @@ def test_all_weights_zero_gives_nan_not_a_number_that_looks_real():
 
 
 def test_wis_and_per_decision_wis_differ_as_computed_by_hand():
+    # two trajectories, each logged twice (4 episodes, as two_step_data); every ratio below is as with one each
     data = make_transitions(
         [
             [(0, 0, 1.0, 1, False), (1, 0, 0.0, 3, True)],
             [(0, 1, 0.0, 1, False), (1, 1, 0.0, 3, True)],
         ]
+        * 2
     )
     table = table_policy({0: 0.75, 1: 0.9})
     # rho: ep0 (1.5, 1.8) -> W 2.7, G 1; ep1 (0.5, 0.2) -> W 0.1, G 0
@@ -167,13 +180,7 @@ def test_warnings_name_each_small_data_problem_and_stay_quiet_otherwise():
 
 
 def test_neural_fqe_interval_grows_when_every_resample_is_refitted():
-    rng = np.random.default_rng(0)
-    episodes = []
-    for _ in range(40):
-        a0, a1 = rng.integers(0, 2, 2)
-        s1 = 1 + a0
-        episodes.append([(0, a0, REWARD[0, a0], s1, False), (s1, a1, REWARD[s1, a1], 3, True)])
-    data = make_transitions(episodes)
+    data = two_step_data()  # its 4 episodes: the importance-sampling programs of the tests above
     table = table_policy({0: 0.8, 1: 0.9, 2: 0.3})
     config = ope.NeuralFQEConfig(hidden=16, n_iterations=4, steps_per_iteration=30, batch_size=32)
     widths = {}
@@ -219,7 +226,7 @@ def test_bootstrap_resamples_whole_episodes():
     counts = ope.bootstrap_counts(jax.random.key(3), layout.n_episodes, 300)
     assert counts.shape == (300, 2 * n_each)
     np.testing.assert_array_equal(np.asarray(counts.sum(1)), 2 * n_each)
-    boot = np.asarray(jax.vmap(lambda c: ope.wis(inputs, c))(counts))
+    boot = np.asarray(jax.jit(jax.vmap(ope.wis, in_axes=(None, 0)))(inputs, counts))  # one program, not eager ops
     # each resample is a mean of whole-episode returns (0 or 1) over 400 episodes: a multiple of 1/400.
     # Resampling transitions would mix 0.1-rewards from partial episodes and break this.
     np.testing.assert_allclose(boot * 2 * n_each, np.round(boot * 2 * n_each), atol=1e-3)
@@ -245,11 +252,12 @@ def test_a_resample_equals_the_estimate_on_the_duplicated_episodes():
         return ope.make_is_inputs(lay, np.asarray(d.reward), probs, np.asarray(d.behavior_prob), 1.0)
 
     counts = np.asarray(ope.bootstrap_counts(jax.random.key(1), 12, 5))
+    estimators = [jax.jit(fn) for fn in (ope.wis, ope.pdwis)]  # a resample has 12 episodes: one program each
     for c in counts:
         duplicated = make_transitions([ep for ep, k in zip(episodes, c, strict=True) for _ in range(int(k))])
         dup_inputs = inputs_for(duplicated, ope.episode_layout(duplicated.episode_id, duplicated.t))
         ones = jnp.ones(int(c.sum()))
-        for fn in (ope.wis, ope.pdwis):
+        for fn in estimators:
             assert float(fn(inputs_for(data, layout), jnp.asarray(c))) == pytest.approx(
                 float(fn(dup_inputs, ones)), abs=1e-6
             )
@@ -277,25 +285,11 @@ def test_fqe_and_wis_of_the_clinicians_on_icu_sepsis_are_close_to_the_exact_valu
         gamma=1.0, epsilon=0.0, n_boot=50, n_states=env.N_STATES, behavior_ece=ece,
     )  # fmt: skip
     exact = float(env.policy_evaluation(clinician, params)[0])
-    # 10,000 episodes, all weights 1, a calibrated behaviour model: no small-data warning
+    # 10,000 episodes, all weights 1, a calibrated behaviour model: no small-data warning (the warnings of a
+    # tiny held-out set: test_deterministic_target_keeps_only_matching_trajectories)
     assert result["n_episodes"] == 10_000 and ece < ope.MAX_BEHAVIOR_ECE
     assert result["warnings"] == []
     assert result["observed_return"] == pytest.approx(float(np.asarray(data.reward).sum()) / 10_000, abs=1e-6)
-
-    # six of those episodes, a greedy target and a behaviour model off by a mile: every warning fires
-    six = np.flatnonzero(np.asarray(data.episode_id) < 6)
-    small = take_rows(data, six)
-    greedy = np.asarray(env.greedy_admissible(clinician, np.asarray(params.admissible_mask)))
-    s6, n6 = states[six], next_states[six]
-    small_result = ope.off_policy_evaluation(
-        small, greedy[s6], greedy[n6], np.asarray(small.behavior_prob), gamma=1.0, n_boot=20,
-        n_states=env.N_STATES, behavior_ece=0.39,
-    )  # fmt: skip
-    codes = {w["code"] for w in small_result["warnings"]}
-    assert {"small-held-out-set", "low-ess", "behavior-miscalibrated"} <= codes
-    assert small_result["n_episodes"] == 6 and "6 held-out episodes" in small_result["warnings"][0]["message"]
-    if small_result["weights"]["max_weight_share"] > ope.MAX_WEIGHT_SHARE:
-        assert "dominant-weight" in codes
     est = result["estimators"]
     # 10,000 episodes: the standard error of a mean survival is about 0.004
     assert abs(est["fqe"]["estimate"] - exact) < 0.012
@@ -345,18 +339,31 @@ def test_per_decision_wis_carries_ended_episodes_and_its_small_sample_bias_is_it
     layout = ope.episode_layout(data.episode_id, data.t)
     target = table[np.asarray(data.state_index), np.asarray(data.action)]
     inputs = ope.make_is_inputs(layout, np.asarray(data.reward), target, np.asarray(data.behavior_prob), 1.0)
+    pdwis = jax.jit(ope.pdwis)
     # the code's estimator is the hand formula, dataset by dataset: one of each -> 2/8 + 4/10
-    assert float(ope.pdwis(inputs, jnp.ones(5))) == pytest.approx(toy_pdwis_by_hand(1, 1, 1, 1, 1), abs=1e-6)
+    assert float(pdwis(inputs, jnp.ones(5))) == pytest.approx(toy_pdwis_by_hand(1, 1, 1, 1, 1), abs=1e-6)
     assert toy_pdwis_by_hand(1, 1, 1, 1, 1) == pytest.approx(0.25 + 0.4)
     # consistency: at the behaviour's own frequencies (16 episodes in proportion) it is exact, and the
     # other convention (ended episodes leave the step-1 normalisation) converges to 1.0, not 0.75
     frequencies = jnp.asarray(16 * TOY_PROBS, jnp.float32)
-    assert float(ope.pdwis(inputs, frequencies)) == pytest.approx(0.75, abs=1e-6)
+    assert float(pdwis(inputs, frequencies)) == pytest.approx(0.75, abs=1e-6)
     assert toy_pdwis_by_hand(*(16 * TOY_PROBS), carried=False) == pytest.approx(1.0)
+
+    sizes = (10, 30)
+    all_counts = {n: np.array(list(compositions(n, 5)), np.float32) for n in sizes}
+    # both sizes' datasets in one jitted call per estimator (eager vmaps compile every operation per shape)
+    stacked = jnp.asarray(np.concatenate([all_counts[n] for n in sizes]))
+    all_values = {
+        fn: np.split(
+            np.asarray(jax.jit(jax.vmap(fn, in_axes=(None, 0)))(inputs, stacked), np.float64),
+            [len(all_counts[sizes[0]])],
+        )
+        for fn in (ope.pdwis, ope.wis)
+    }
 
     def expected(n):
         """Exact expectation over every dataset of n behaviour episodes (multinomial counts), by the code."""
-        counts = np.array(list(compositions(n, 5)), np.float32)
+        counts = all_counts[n]
         log_p = (
             lgamma(n + 1)
             - np.array([sum(lgamma(c + 1) for c in row) for row in counts])
@@ -365,7 +372,7 @@ def test_per_decision_wis_carries_ended_episodes_and_its_small_sample_bias_is_it
         p = np.exp(log_p)
         out = {}
         for fn in (ope.pdwis, ope.wis):
-            values = np.asarray(jax.vmap(lambda c, fn=fn: fn(inputs, c))(jnp.asarray(counts)), np.float64)
+            values = all_values[fn][sizes.index(n)]
             ok = np.isfinite(values)
             out[fn.__name__] = float((p[ok] * values[ok]).sum() / p[ok].sum()) - 0.75
             if fn is ope.pdwis:  # the code agrees with the hand formula on every dataset
