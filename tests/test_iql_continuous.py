@@ -81,10 +81,11 @@ def test_short_training_learns_the_best_dose_and_bc_does_not(tmp_path):
     train, statics, _ = IC.make_train(args, data, norm, sim=None)
     x = np.linspace(-1, 1, 41, dtype=np.float32)
     obs = np.stack([x, np.ones_like(x)], 1)
+    train = jax.jit(train)  # one compiled program for both betas (the hyperparameters are traced)
 
     def doses(beta: float) -> np.ndarray:
         hparams = {"tau": jnp.float32(0.9), "beta": jnp.float32(beta), "learning_rate": jnp.float32(3e-3)}
-        params, metrics, _ = jax.jit(train)(jax.random.PRNGKey(0), hparams)
+        params, metrics, _ = train(jax.random.PRNGKey(0), hparams)
         assert np.isfinite(np.asarray(metrics["q_loss"])).all()
         policy = IC.make_policy(params.pi, statics["pi"], norm)
         dose = np.asarray(jax.vmap(lambda o: policy(None, o, None, None)[0])(jnp.asarray(obs)))
