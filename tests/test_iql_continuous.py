@@ -128,9 +128,10 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, flags, message):
 
 @pytest.fixture(scope="module")
 def simulator_run(tmp_path_factory):
-    """A tiny grid (2 tau x 1 beta x 2 seeds) on a 30-patient simulator replay, evaluated by simulation."""
+    """A tiny grid (2 tau x 1 beta x 2 seeds) on a 40-patient simulator replay, evaluated by simulation on 40
+    patients: the replay's clinician rollout program is the final evaluation's (one compile, not two)."""
     root = tmp_path_factory.mktemp("vanco")
-    frame, meta = make_vancomycin_replay(VancomycinSimArgs(out=root / "v.parquet", episodes=30, seed=1))
+    frame, meta = make_vancomycin_replay(VancomycinSimArgs(out=root / "v.parquet", episodes=40, seed=1))
     write_replay(root / "v.parquet", frame, meta)
     IC.main(["--replay", str(root / "v.parquet"), "--run-dir", str(root / "run"), "--tau", "0.6", "0.8",
              "--num-seeds", "2", "--hidden", "8", "--num-updates", "20", "--eval-every", "10", "--save-every", "10",
