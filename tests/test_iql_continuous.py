@@ -81,10 +81,11 @@ def test_short_training_learns_the_best_dose_and_bc_does_not(tmp_path):
     train, statics, _ = IC.make_train(args, data, norm, sim=None)
     x = np.linspace(-1, 1, 41, dtype=np.float32)
     obs = np.stack([x, np.ones_like(x)], 1)
+    train = jax.jit(train)  # one compiled program for both betas (the hyperparameters are traced)
 
     def doses(beta: float) -> np.ndarray:
         hparams = {"tau": jnp.float32(0.9), "beta": jnp.float32(beta), "learning_rate": jnp.float32(3e-3)}
-        params, metrics, _ = jax.jit(train)(jax.random.PRNGKey(0), hparams)
+        params, metrics, _ = train(jax.random.PRNGKey(0), hparams)
         assert np.isfinite(np.asarray(metrics["q_loss"])).all()
         policy = IC.make_policy(params.pi, statics["pi"], norm)
         dose = np.asarray(jax.vmap(lambda o: policy(None, o, None, None)[0])(jnp.asarray(obs)))
@@ -127,9 +128,10 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, flags, message):
 
 @pytest.fixture(scope="module")
 def simulator_run(tmp_path_factory):
-    """A tiny grid (2 tau x 1 beta x 2 seeds) on a 30-patient simulator replay, evaluated by simulation."""
+    """A tiny grid (2 tau x 1 beta x 2 seeds) on a 40-patient simulator replay, evaluated by simulation on 40
+    patients: the replay's clinician rollout program is the final evaluation's (one compile, not two)."""
     root = tmp_path_factory.mktemp("vanco")
-    frame, meta = make_vancomycin_replay(VancomycinSimArgs(out=root / "v.parquet", episodes=30, seed=1))
+    frame, meta = make_vancomycin_replay(VancomycinSimArgs(out=root / "v.parquet", episodes=40, seed=1))
     write_replay(root / "v.parquet", frame, meta)
     IC.main(["--replay", str(root / "v.parquet"), "--run-dir", str(root / "run"), "--tau", "0.6", "0.8",
              "--num-seeds", "2", "--hidden", "8", "--num-updates", "20", "--eval-every", "10", "--save-every", "10",

@@ -35,15 +35,26 @@ N_STATS = 200
 
 
 @functools.cache
-def small_model():
+def small_model(start_dose_mg: float = 1000.0):
     mean, std = B.observation_stats(SIM, n_patients=N_STATS)
-    return B.init_policy(jax.random.PRNGKey(0), (8,), mean, std)
+    return B.init_policy(jax.random.PRNGKey(0), (8,), mean, std, start_dose_mg)
+
+
+N_TRUE = 3_000  # patients of the true-return rollouts
+
+
+@functools.cache
+def policy_rollout():
+    """jit(key, policy params, simulator) -> records of N_TRUE patients under a small_model-shaped policy: one
+    compiled program for every test below that rolls out such a policy (the parameters are traced)."""
+    static = eqx.partition(small_model(), eqx.is_array)[1]
+    return jax.jit(lambda key, p, sim: V.rollout(key, sim, B.as_policy(eqx.combine(p, static)), N_TRUE))
 
 
 def test_initial_policy_gives_the_start_dose_within_bounds():
     model = small_model()
     obs = V.rollout_jit(jax.random.PRNGKey(1), SIM, V.clinician_policy, N_STATS)["obs"].reshape(-1, V.OBS_DIM)
-    doses = np.asarray(jax.vmap(model)(obs))
+    doses = np.asarray(jax.jit(jax.vmap(model))(obs))  # one program, not the network's eager operations
     assert np.all((doses >= 10.0) & (doses <= V.DOSE_MAX_MG))
     np.testing.assert_allclose(doses, 1000.0, rtol=0.05)
 
@@ -54,9 +65,9 @@ def test_search_on_a_tiny_budget_improves_the_true_value_over_its_start():
     search = jax.jit(B.make_search(SIM, static, batch_patients=128, steps=40, learning_rate=1e-2))
     found, curve = search(jax.random.PRNGKey(2), params)
     assert curve.shape == (40,) and np.all(np.isfinite(np.asarray(curve)))
-    true_returns = jax.jit(  # patients the search never saw; true (sampled-AKI) returns; one compile for both
-        lambda p: V.rollout(jax.random.PRNGKey(3), SIM, B.as_policy(eqx.combine(p, static)), 3_000)["reward"].sum(-1)
-    )
+    def true_returns(p):  # patients the search never saw; true (sampled-AKI) returns
+        return policy_rollout()(jax.random.PRNGKey(3), p, SIM)["reward"].sum(-1)
+
     gain = np.asarray(true_returns(found) - true_returns(params), np.float64)  # paired: the same patients
     assert gain.mean() > 4 * gain.std() / np.sqrt(gain.size), gain.mean()
 
@@ -71,14 +82,15 @@ def test_policy_never_reads_the_hidden_state():
 
 
 def test_surrogate_return_has_the_true_expected_return():
-    high_dose = V.fixed_dose_policy(2500.0)
-    records = V.rollout_jit(jax.random.PRNGKey(5), SIM, high_dose, 10_000)
+    high_dose = eqx.partition(small_model(start_dose_mg=2500.0), eqx.is_array)[0]  # about 2500 mg throughout
+    records = policy_rollout()(jax.random.PRNGKey(5), high_dose, SIM)
+    assert np.allclose(np.asarray(records["dose"]), 2500.0, rtol=0.05)
     true, surrogate = records["reward"].sum(-1), B.surrogate_returns(records, SIM)
     assert float(records["aki"].sum()) > 100  # the case is one where AKI matters
     diff = np.asarray(true - surrogate, np.float64)
     assert abs(diff.mean()) < 4 * diff.std() / np.sqrt(diff.size)
     no_aki = eqx.tree_at(lambda p: p.aki_penalty, SIM, 0.0)
-    records = V.rollout_jit(jax.random.PRNGKey(5), no_aki, high_dose, 10_000)
+    records = policy_rollout()(jax.random.PRNGKey(5), high_dose, no_aki)
     np.testing.assert_array_equal(np.asarray(B.surrogate_returns(records, no_aki)),
                                   np.asarray(records["reward"].sum(-1)))
 
@@ -92,7 +104,7 @@ def test_surrogate_has_a_gradient_through_the_aki_hazard():
         records = V.rollout(key, SIM, policy, 200)
         return (B.surrogate_returns(records, SIM) - records["reward"].sum(-1)).mean()
 
-    assert float(jax.grad(aki_part)(jnp.float32(2500.0))) < 0.0
+    assert float(jax.jit(jax.grad(aki_part))(jnp.float32(2500.0))) < 0.0  # one program, not eager operations
 
 
 def test_final_patients_are_the_learners_final_patients():
