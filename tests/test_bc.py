@@ -65,12 +65,13 @@ def test_bandit_clone_reaches_the_logged_probabilities(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_on_a_small_icu_sepsis_replay_reports_held_out_metrics_and_checkpoints(tmp_path, capsys, monkeypatch):
+def test_cli_on_a_small_icu_sepsis_replay_reports_held_out_metrics_and_checkpoints(
+    icu_replay_small, tmp_path, capsys, monkeypatch
+):
     """In-process through the same runs.cli_main the script runs under (a subprocess would pay the imports
-    again; tests/test_runs.py's fork test runs a learner script in its own process)."""
-    from cleansepsis.icu_replay import make_clinician_replay
-
-    frame, meta = make_clinician_replay(300, seed=2, val_frac=0.2, test_frac=0.2)
+    again; tests/test_runs.py's fork test runs a learner script in its own process), on the session's
+    clinician replay with val and test episodes (drawing one here would compile the env's rollout)."""
+    frame, meta = icu_replay_small
     write_replay(tmp_path / "icu.parquet", frame, meta)
     monkeypatch.chdir(tmp_path)
     argv = ["--replay", "icu.parquet", "--learning-rate", "1e-3", "3e-3", "--num-seeds", "2", "--num-updates",

@@ -153,21 +153,37 @@ def bandit(n=3000, seed=0):
     return make_transitions(obs, action, reward, np.zeros_like(obs), np.ones(n, bool)), mean
 
 
-def test_bandit_learns_mean_rewards_and_penalty_pushes_unseen_action_down():
+def test_bandit_learns_mean_rewards_and_penalty_pushes_unseen_action_down_seeds_and_no_retrace():
+    """One compiled program (seeds 0, 1, 0 side by side) for both alphas: new hyperparameter values do not
+    retrace; every seed learns the mean rewards without the penalty and pushes the unseen action down with
+    it; seeds differ, the same seed repeats exactly."""
     data, _ = bandit()
     args = small_args()
-    train = jax.jit(cql.make_train(args, 2, 4))  # one compiled program for both alphas
-    q0 = q_values(
-        args, train(jax.random.PRNGKey(0), hparams(alpha=0.0), (data, None))[0], 4, np.ones((1, 2))
-    )[0]
-    q1 = q_values(
-        args, train(jax.random.PRNGKey(0), hparams(alpha=1.0), (data, None))[0], 4, np.ones((1, 2))
-    )[0]
+    traces = []
+    train = cql.make_train(args, 2, 4)
+
+    def counted(key, hp, inputs):
+        traces.append(1)
+        return train(key, hp, inputs)
+
+    sweep = jax.jit(jax.vmap(counted, in_axes=(0, None, None)))
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 0)])
+    params0, metrics0, _ = sweep(keys, hparams(alpha=0.0), (data, None))
+    params1, _, _ = sweep(keys, hparams(alpha=1.0), (data, None))  # new hyperparameter values: no new trace
+    assert len(traces) == 1
     empirical = [float(data.reward[data.action == a].mean()) for a in range(3)]
-    np.testing.assert_allclose(q0[:3], empirical, atol=0.05)
-    assert q1[3] < q1[:3].min() - 0.5, q1  # never-logged action made pessimistic
-    assert q1[3] < q0[3] - 0.5
-    assert int(np.argmax(q1)) == 1
+    for seed in range(3):
+        q0 = q_values(args, jax.tree.map(lambda a, i=seed: a[i], params0), 4, np.ones((1, 2)))[0]
+        q1 = q_values(args, jax.tree.map(lambda a, i=seed: a[i], params1), 4, np.ones((1, 2)))[0]
+        np.testing.assert_allclose(q0[:3], empirical, atol=0.05)
+        assert q1[3] < q1[:3].min() - 0.5, q1  # never-logged action made pessimistic
+        assert q1[3] < q0[3] - 0.5
+        assert int(np.argmax(q1)) == 1
+    first = params0.layers[0].weight
+    assert not np.allclose(first[0], first[1])  # different seeds, different networks
+    np.testing.assert_array_equal(first[0], first[2])  # same seed, identical numbers
+    np.testing.assert_array_equal(metrics0["td_loss"][0], metrics0["td_loss"][2])
+    assert not np.allclose(params1.layers[-1].weight[0], params0.layers[-1].weight[0])  # alpha is used
 
 
 def chain(n=4000, seed=0):
@@ -204,31 +220,6 @@ def test_two_state_chain_bootstraps_through_admissible_actions(full_batch):
     np.testing.assert_allclose(q[2], [0.0, 0.3], atol=0.06)  # copy 1: bootstrap only over admissible
     np.testing.assert_allclose(q[[1, 3]], [[1.0, 0.0], [1.0, 0.0]], atol=0.06)
     assert metrics["td_loss"].shape == (args.num_evals,)
-
-
-# ----- seeds and compilation -----------------------------------------------------------------------------
-
-
-def test_seeds_differ_same_seed_repeats_and_no_retrace():
-    data, _ = bandit(500)
-    args = small_args(num_updates=100, eval_every=50)
-    traces = []
-    train = cql.make_train(args, 2, 4)
-
-    def counted(key, hp, inputs):
-        traces.append(1)
-        return train(key, hp, inputs)
-
-    sweep = jax.jit(jax.vmap(counted, in_axes=(0, None, None)))
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 0)])
-    params, metrics, _ = sweep(keys, hparams(alpha=0.5), (data, None))
-    params_again, _, _ = sweep(keys, hparams(alpha=0.2), (data, None))  # new hyperparameter values: no new trace
-    assert len(traces) == 1
-    first = params.layers[0].weight
-    assert not np.allclose(first[0], first[1])  # different seeds, different networks
-    np.testing.assert_array_equal(first[0], first[2])  # same seed, identical numbers
-    np.testing.assert_array_equal(metrics["td_loss"][0], metrics["td_loss"][2])
-    assert not np.allclose(params_again.layers[-1].weight[0], params.layers[-1].weight[0])  # alpha is used
 
 
 def test_exported_checkpoint_forward_equals_network(tmp_path):

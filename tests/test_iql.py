@@ -149,13 +149,11 @@ def test_chain_answer_seeds_no_retrace_and_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_on_a_small_icu_sepsis_replay_writes_the_run_folder(tmp_path, capsys, monkeypatch):
+def test_cli_on_a_small_icu_sepsis_replay_writes_the_run_folder(icu_replay_small, tmp_path, capsys, monkeypatch):
     """With minibatches; the full-batch CLI run, as a script in its own process, is tests/test_runs.py's fork
     test. Here in-process through the same runs.cli_main the script runs under (a subprocess would pay the
-    imports again)."""
-    from cleansepsis.icu_replay import make_clinician_replay
-
-    frame, meta = make_clinician_replay(200, seed=1)
+    imports again), on the session's clinician replay (drawing one here would compile the env's rollout)."""
+    frame, meta = icu_replay_small
     write_replay(tmp_path / "icu.parquet", frame, meta)
     monkeypatch.chdir(tmp_path)
     argv = ["--replay", "icu.parquet", "--tau", "0.7", "0.9", "--num-seeds", "2", "--num-updates", "20",

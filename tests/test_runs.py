@@ -129,36 +129,6 @@ def test_sweep_vmaps_settings_and_seeds_compiles_once_and_repeats():
     np.testing.assert_array_equal(np.asarray(w_again[:, 0]), np.asarray(w[:, 1]))
 
 
-SHARDED_SWEEP = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-from cleansepsis import runs
-n_devices = runs.use_host_devices()
-import jax, numpy as np
-from test_runs import _toy_train
-_, hparams = runs.make_hparam_grid({"lr": [0.1, 0.2], "target": [1.0, -1.0]})
-(w, metrics), _ = runs.run_sweep(_toy_train(3, []), [0, 1, 2], hparams, n_ticks=3)
-print(json.dumps({"devices": len(jax.devices()), "asked": n_devices, "shards": len(w.sharding.device_set),
-                  "w": np.asarray(w).tolist(), "loss": np.asarray(metrics["loss"]).tolist()}))
-"""
-
-
-def test_sweep_splits_seeds_over_host_devices_and_drops_the_padding():
-    """With 2 CPU devices, 3 seeds are padded to 4, run 2 per device, and the padding is dropped: the
-    result is the single-device result."""
-    env = {**os.environ, runs.HOST_DEVICES_VARIABLE: "2"}
-    done = subprocess.run([sys.executable, "-c", SHARDED_SWEEP, str(Path(__file__).parent)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    sharded = json.loads(done.stdout.strip().splitlines()[-1])
-    assert sharded["devices"] == 2 and sharded["asked"] == 2 and sharded["shards"] == 2
-    _, hparams = runs.make_hparam_grid({"lr": [0.1, 0.2], "target": [1.0, -1.0]})
-    (w, metrics), _ = runs.run_sweep(_toy_train(3, []), [0, 1, 2], hparams, n_ticks=3)
-    assert np.asarray(sharded["w"]).shape == (4, 3, 3)
-    np.testing.assert_allclose(sharded["w"], np.asarray(w), rtol=1e-6)
-    np.testing.assert_allclose(sharded["loss"], np.asarray(metrics["loss"]), rtol=1e-5)
-
-
 @pytest.mark.parametrize("bad", ["two", "0"])
 def test_host_devices_variable_is_checked(monkeypatch, bad):
     monkeypatch.setenv(runs.HOST_DEVICES_VARIABLE, bad)

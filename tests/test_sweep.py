@@ -82,6 +82,8 @@ def toy_sweep(seeds: list[int], **kwargs) -> dict:
         "shape": list(leaves[0].shape),
         "layout": runs.device_info()["sweep"],
         "main": runs.is_main_process(),
+        "devices": len(jax.devices()),
+        "shards": len(jax.tree.leaves(params)[0].sharding.device_set),
     }
 
 
@@ -89,9 +91,9 @@ SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from cleansepsis import runs
-runs.use_host_devices()
+asked = runs.use_host_devices()
 from test_sweep import toy_sweep
-print("RESULT " + json.dumps(toy_sweep([5, 6, 7])), flush=True)
+print("RESULT " + json.dumps({**toy_sweep([5, 6, 7]), "asked": asked}), flush=True)
 """
 
 
@@ -120,13 +122,16 @@ def test_seed_bytes_do_not_depend_on_the_other_seeds(one_device):
 
 
 def test_seed_bytes_do_not_depend_on_the_number_of_host_devices(one_device):
-    """9 runs over 2 devices: 5 each, the 10th a padding run that is dropped; same bytes as on 1 device."""
+    """9 runs over 2 devices: 5 each, the 10th a padding run that is dropped; same bytes as on 1 device.
+    (This also covers what tests/test_runs.py asserted in a subprocess of its own: use_host_devices gives
+    the process the devices asked for, and the sweep's result spans both.)"""
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(TESTS)], env=_env(CLEANSEPSIS_HOST_DEVICES="2"),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     two = _result(done.stdout)
+    assert two["asked"] == 2 and two["devices"] == 2 and two["shards"] == 2
     assert two["layout"] == {
         "n_runs": 9, "n_padded_runs": 10, "n_devices": 2, "n_processes": 1, "runs_per_device": 5, "vmap_width": 1,
     }  # fmt: skip
