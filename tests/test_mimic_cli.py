@@ -5,6 +5,8 @@ the exit status the script passes to sys.exit, and an uncaught exception (a trac
 
 from __future__ import annotations
 
+import runpy
+import signal
 import sys
 from pathlib import Path
 
@@ -41,12 +43,22 @@ def test_synth_then_mimic_end_to_end(tmp_path, capsys):
     } <= set(frame.columns)
 
 
-def test_bad_input_is_one_line_without_traceback(tmp_path, capsys):
+def test_bad_input_is_one_line_without_traceback(tmp_path, capsys, monkeypatch):
+    """Through the script's own `__main__` block (runpy, in-process: its imports are already loaded), so the
+    status is what `python data_prep.py ...` exits with."""
     folder = septic_patient(Case(), 1).write(tmp_path / "mimic")
     (folder / "icu" / "chartevents.csv.gz").unlink()
-    code = data_prep.main(["mimic", "--mimic-dir", str(folder), "--out", str(tmp_path / "out")])
+    script = Path(data_prep.__file__)
+    monkeypatch.setattr(sys, "argv", [str(script), "mimic", "--mimic-dir", str(folder), "--out", str(tmp_path / "out")])
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as status:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)  # the script installs its Ctrl-C handler for good
+    code = status.value.code
     err = capsys.readouterr().err
-    assert code != 0
+    assert code != 0 and code is not None
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "table 'chartevents' not found" in errors[0]
