@@ -183,12 +183,13 @@ def _alias_rows(
 def alias_probabilities(threshold: np.ndarray, packed: np.ndarray, n: int) -> np.ndarray:
     """The distribution an alias table samples from (rows, n); for tests and checks."""
     rows, width = threshold.shape
-    out = np.zeros((rows, n))
-    row_index = np.repeat(np.arange(rows), width)
+    row_start = np.repeat(np.arange(rows, dtype=np.int64) * n, width)
     thr = threshold.astype(np.float64).ravel()
-    np.add.at(out, (row_index, (packed & _PACK_MASK).ravel()), thr / width)
-    np.add.at(out, (row_index, (packed >> _PACK_SHIFT).ravel()), (1.0 - thr) / width)
-    return out
+    # one bincount over the flat (row, next) cells: the primary slots' shares, then the aliases', added in the
+    # same order as two np.add.at calls would (same bytes) at a fraction of np.add.at's time
+    cells = np.concatenate([row_start + (packed & _PACK_MASK).ravel(), row_start + (packed >> _PACK_SHIFT).ravel()])
+    shares = np.concatenate([thr / width, (1.0 - thr) / width])
+    return np.bincount(cells, weights=shares, minlength=rows * n).reshape(rows, n)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,12 +17,14 @@ MDPS = ("icu-sepsis", "sepsis-sim", "cohort")
 
 @pytest.fixture(scope="module")
 def cohort_dir(tmp_path_factory):
-    """A cohort MDP rebuilt from 1,000 ICU-Sepsis clinician episodes (state index as the cluster)."""
+    """A cohort MDP rebuilt from 4,100 ICU-Sepsis clinician episodes (state index as the cluster): over 4,096
+    episodes, so that the rollout runs in the same 8,192 envs, one compiled program, as the module's
+    20,000-episode ICU-Sepsis rollout."""
     from cleansepsis.icu_replay import make_clinician_replay
     from cleansepsis.replay import write_replay
 
     folder = tmp_path_factory.mktemp("core")
-    write_replay(folder / "icu.parquet", *make_clinician_replay(1000, seed=2))
+    write_replay(folder / "icu.parquet", *make_clinician_replay(4100, seed=2))
     C.build_cohort_mdp(
         C.CohortMdpArgs(replay=folder / "icu.parquet", out=folder / "mdp", cluster="state-index", threshold=2)
     )
