@@ -169,9 +169,6 @@ def evaluate_run(run_dir: Path, entries: list[dict[str, Any]], replay: Replay, a
         f"{describe_action_space(space)})")  # fmt: skip
     observed = observed_return(data, args.gamma)
     config = fqe_config(args)
-    n_fits = 1 + (args.continuous_fqe_refits if args.continuous_fqe_refits >= 2 else 0)
-    log(f"FQE: Q on {oc.q_inputs(config.history_lags)}, {config.hidden}x2, {config.n_iterations} iterations x "
-        f"{config.steps_per_iteration} steps, {n_fits} fits per policy")  # fmt: skip
 
     def evaluate_target(name: str, target: oc.ContinuousTarget, acting: str, index: int) -> dict[str, Any]:
         log(f"  FQE of {name} ({acting}) ...")
@@ -192,6 +189,9 @@ def evaluate_run(run_dir: Path, entries: list[dict[str, Any]], replay: Replay, a
         name = Path(entry["checkpoint"]).name
         loaded.append((entry, policy, continuous_target_of(policy, name)))
 
+    n_fits = 1 + (args.continuous_fqe_refits if args.continuous_fqe_refits >= 2 else 0)
+    log(f"FQE: Q on {oc.q_inputs(config.history_lags)}, {config.hidden}x2, {config.n_iterations} iterations x "
+        f"{config.steps_per_iteration} steps, {n_fits} fits per policy")  # fmt: skip
     policies = []
     if simulator is not None and _clinician_is_the_behaviour(data, behavior_log_density, simulator[1]):
         params, V = simulator
@@ -335,13 +335,15 @@ def write_outputs(run_dir: Path, report: dict[str, Any], args: Any) -> None:
 
 def comparison_table(reports: list[dict[str, Any]]) -> str:
     """One row per run folder: FQE over its policies, and the simulated values where known."""
-    lines = ["| run | policies | FQE mean (min-max) | observed | simulated mean | warnings |", "|---|---|---|---|---|---|"]
+    lines = ["| run | policies | FQE mean (min-max) | FQE's Q inputs | observed | simulated mean | warnings |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in reports:
         learned = [p for p in r["policies"] if p.get("checkpoint")]
         fqe = np.array([p["ope"]["estimators"]["fqe"]["estimate"] for p in learned])
         sims = [p["simulated"]["value"] for p in learned if p.get("simulated")]
+        q_inputs = r["policies"][0]["ope"]["estimators"]["fqe"].get("q_inputs", "observation only")
         lines.append(
-            f"| {Path(r['run_dir']).name} | {len(learned)} | {fqe.mean():.4f} ({fqe.min():.4f}-{fqe.max():.4f}) | "
+            f"| {Path(r['run_dir']).name} | {len(learned)} | {fqe.mean():.4f} ({fqe.min():.4f}-{fqe.max():.4f}) | {q_inputs} | "
             f"{r['observed_return']['mean']:.4f} | {f'{np.mean(sims):.4f}' if sims else 'unknown'} | "
             f"{', '.join(r['warnings']) or 'none'} |"
         )

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import equinox as eqx
@@ -396,16 +396,12 @@ def continuous_fqe(
     return _fqe_value(network, data, counts), network, losses
 
 
-# The estimate and its refits run as R fits under one vmap, in three compiled programs: the initial networks,
-# one FQE iteration (called n_iterations times, so a long fit shows progress between calls and stops at the
-# end of the iteration a Ctrl-C lands in, as the learners' chunks do; docs/learners.md), and the values.
-# Each is compiled once per data shape and config: every target with the same number of sampled doses
-# shares them.
-@eqx.filter_jit
-def _init_fits(data, keys, config):
-    return eqx.filter_vmap(lambda k: _init_network(data, k, config))(keys)
-
-
+# The estimate and its refits run as R fits under one vmap, in two compiled programs: one FQE iteration
+# (called n_iterations times, so a long fit shows progress between calls and stops at the end of the
+# iteration a Ctrl-C lands in, as the learners' chunks do; docs/learners.md), and the values. Each is
+# compiled once per data shape and fit: every target with the same number of sampled doses shares them. The
+# initial networks are drawn eagerly, one fit at a time (the random draws' small programs are cached across
+# fits and shapes; a vmapped init was a program of its own that took longer to compile than to run).
 @eqx.filter_jit
 def _iterate_fits(networks, data, gamma, keys, counts, config):
     return eqx.filter_vmap(lambda net, k, c: _fqe_iteration(net, data, gamma, k, c, config))(networks, keys, counts)
@@ -424,14 +420,18 @@ def _continuous_fqe_fits(data, gamma, keys, counts, config, progress: str | None
 
     from cleansepsis import interrupts
 
-    networks, iteration_keys = _init_fits(data, keys, config)
+    fits = [_init_network(data, k, config) for k in keys]
+    networks, iteration_keys = jax.tree.map(lambda *x: jnp.stack(x), *fits)
+    # one iteration reads neither the number of iterations nor the history length (the data carry it): fits
+    # that differ only there share the iteration's compiled program
+    iteration_config = replace(config, n_iterations=1, history_lags=0)
     losses = []
     # the same settings as the learners' bar (cleansepsis.sweep): stderr, only on a terminal, gone when done
     with tqdm(total=config.n_iterations, desc=progress, unit="iteration", file=sys.stderr, mininterval=1.0,
               leave=False, disable=True if progress is None else None) as bar:  # fmt: skip
         for i in range(config.n_iterations):
             with interrupts.stop_point():  # Ctrl-C comes back at the end of the iteration it lands in
-                networks, loss = _iterate_fits(networks, data, gamma, iteration_keys[:, i], counts, config)
+                networks, loss = _iterate_fits(networks, data, gamma, iteration_keys[:, i], counts, iteration_config)
                 loss = np.asarray(loss)
             losses.append(loss)
             bar.set_postfix_str(f"loss {float(loss[0]):.4g}", refresh=False)

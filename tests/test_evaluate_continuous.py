@@ -91,6 +91,7 @@ def test_continuous_replay_gets_fqe_simulated_values_and_no_is_for_a_determinist
     markdown = (run / "evaluation.md").read_text()
     assert "simulated (MC +- SE)" in markdown and "Importance sampling undefined" in markdown
     assert "FQE's Q inputs: **observation + history: the episode's 7 previous (obs, dose) steps" in markdown
+    assert "| observation + history: the episode's 7 previous" in evaluate_continuous.comparison_table([report])
     assert (run / "forest.png").stat().st_size > 0
     assert main([str(run), "--replay", str(vanco_replay), *FAST]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -320,10 +321,13 @@ def test_the_estimate_and_its_refits_are_the_single_fits_with_the_same_keys():
     key = jax.random.key(11)
     counts = oc.ope.bootstrap_counts(jax.random.key(2), layout.n_episodes, 5)
     result, network = oc.continuous_fqe_estimate(fqe_data, 1.0, key, counts, tiny, n_refits=3)
-    alone, alone_network, _ = oc.continuous_fqe(fqe_data, 1.0, key, tiny)
+    # the single fit as one program (one lax.scan over the iterations): compiled once without counts (every
+    # episode once), once for the three refits
+    fit = eqx.filter_jit(oc.continuous_fqe)
+    alone, alone_network, _ = fit(fqe_data, 1.0, key, tiny)
     assert result["estimate"] == pytest.approx(float(alone), abs=1e-5)
     refit_keys = jax.random.split(jax.random.fold_in(key, 1), 3)
-    refits = [float(oc.continuous_fqe(fqe_data, 1.0, k, tiny, jnp.asarray(c, jnp.float32))[0])
+    refits = [float(fit(fqe_data, 1.0, k, tiny, jnp.asarray(c, jnp.float32))[0])
               for k, c in zip(refit_keys, counts[:3], strict=True)]  # fmt: skip
     assert result["boot_std"] == pytest.approx(np.std(refits, ddof=1), rel=1e-3)
     obs, doses = np.asarray(fqe_data.obs[:5]), np.asarray(fqe_data.dose[:5])
