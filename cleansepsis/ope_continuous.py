@@ -421,7 +421,9 @@ def _continuous_fqe_fits(data, gamma, keys, counts, config, progress: str | None
     from cleansepsis import interrupts
 
     fits = [_init_network(data, k, config) for k in keys]
-    networks, iteration_keys = jax.tree.map(lambda *x: jnp.stack(x), *fits)
+    # stacked on the host: stacking on the device compiles a program per leaf shape
+    networks = jax.tree.map(lambda *x: jnp.asarray(np.stack([np.asarray(a) for a in x])), *[f[0] for f in fits])
+    iteration_keys = jax.random.wrap_key_data(np.stack([np.asarray(jax.random.key_data(f[1])) for f in fits]))
     # one iteration reads neither the number of iterations nor the history length (the data carry it): fits
     # that differ only there share the iteration's compiled program
     iteration_config = replace(config, n_iterations=1, history_lags=0)

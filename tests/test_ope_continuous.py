@@ -96,6 +96,12 @@ CONFIG = oc.ContinuousFQEConfig(hidden=32, n_iterations=4, steps_per_iteration=3
                                 learning_rate=3e-3, history_lags=0)  # fmt: skip
 
 
+# a tiny fit with a history in Q (lag 1), the default kind of fit; tests that use it on 100 episodes share
+# its compiled programs
+TINY_HISTORY = oc.ContinuousFQEConfig(hidden=8, n_iterations=2, steps_per_iteration=20, batch_size=64,
+                                      history_lags=1)  # fmt: skip
+
+
 def evaluate(data, target, acting, seed=0, n_refits=2, config=CONFIG):
     return oc.continuous_off_policy_evaluation(
         data, target, low=0.0, high=HIGH_DOSE, gamma=1.0,
@@ -148,9 +154,10 @@ def test_fqe_wis_and_wdr_recover_the_value_of_a_stochastic_policy(data):
 
 
 def test_without_the_behaviour_density_only_fqe_runs(data):
+    # the fit of the stochastic test above (same shapes and settings): its compiled programs serve again
     result = oc.continuous_off_policy_evaluation(
         data, scaled_target(0.7, 1.1), low=0.0, high=HIGH_DOSE, gamma=1.0, acting="sample",
-        config=CONFIG, n_refits=0, n_boot=10,
+        config=CONFIG, n_refits=2, n_boot=50,
     )  # fmt: skip
     assert "behavior_log_density" in result["undefined"]
     assert np.isfinite(result["estimators"]["fqe"]["estimate"]) and np.isnan(result["estimators"]["wis"]["estimate"])
@@ -165,11 +172,9 @@ def test_discrete_actions_are_one_clear_error():
 
 def test_same_seed_same_numbers_other_seed_other_numbers():
     small = logged_data(100, seed=3)
-    # with a history in Q (lag 1), the default kind of fit
-    tiny = oc.ContinuousFQEConfig(hidden=8, n_iterations=2, steps_per_iteration=20, batch_size=64, history_lags=1)
-    first = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=5, config=tiny)
-    again = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=5, config=tiny)
-    other = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=6, config=tiny)
+    first = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=5, config=TINY_HISTORY)
+    again = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=5, config=TINY_HISTORY)
+    other = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=6, config=TINY_HISTORY)
     for name in ("fqe", "wis", "wdr"):
         assert first["estimators"][name] == again["estimators"][name]
     assert first["estimators"]["fqe"]["estimate"] != other["estimators"]["fqe"]["estimate"]
@@ -259,8 +264,7 @@ def test_the_default_fit_is_the_validated_history_fit_and_a_bad_setting_is_one_c
 
 
 def test_the_history_takes_rows_in_any_order_and_an_episode_not_starting_at_t0_is_one_clear_error(monkeypatch):
-    data = logged_data(30, seed=4)
-    tiny = oc.ContinuousFQEConfig(hidden=8, n_iterations=1, steps_per_iteration=5, batch_size=16, history_lags=1)
+    data = logged_data(100, seed=4)  # the shapes and fit of the seed test: no compile of its own
     seen = []
 
     def recording(q_obs, *rest):
@@ -271,8 +275,8 @@ def test_the_history_takes_rows_in_any_order_and_an_episode_not_starting_at_t0_i
     monkeypatch.setattr(oc, "make_continuous_fqe_data", recording)
     order = np.random.default_rng(0).permutation(data.size)  # episodes interleaved, steps out of order
     for rows in (np.arange(data.size), order):
-        result = evaluate(jax.tree.map(lambda x, rows=rows: x[rows], data), scaled_target(0.8, 0.8), "mean",
-                          n_refits=0, config=tiny)  # fmt: skip
+        result = evaluate(jax.tree.map(lambda x, rows=rows: x[rows], data), scaled_target(0.7, 1.1), "sample",
+                          config=TINY_HISTORY)  # fmt: skip
         assert np.isfinite(result["estimators"]["fqe"]["estimate"])
     # each row's history is its own episode's previous step, wherever the rows sit
     np.testing.assert_array_equal(seen[1], seen[0][order])
@@ -286,7 +290,7 @@ def test_the_history_takes_rows_in_any_order_and_an_episode_not_starting_at_t0_i
     gap = dataclasses.replace(data, t=data.t.at[1].set(2))  # episode 0 has steps 0 and 2
     for bad, episode in ((late_start, 0), (gap, 0)):
         with pytest.raises(OPEError, match=f"episode {episode} has steps .* needs every episode's steps 0, 1, 2"):
-            evaluate(bad, scaled_target(0.8, 0.8), "mean", n_refits=0, config=tiny)
+            evaluate(bad, scaled_target(0.7, 1.1), "sample", config=TINY_HISTORY)
 
 
 def _tiny_fqe_data(n_episodes: int = 40, n_samples: int = 3):
