@@ -192,3 +192,7 @@ def test_a_saved_continuous_checkpoint_is_evaluated_through_load_policy(vanco_re
     assert "(continuous dose)" in card and "vancomycin_dose in mg, bounds [0, 3000] mg" in card
     assert f"| FQE | {fqe['estimate']:.3f} [{fqe['ci_low']:.3f}, {fqe['ci_high']:.3f}] |" in card
     assert "| WIS | undefined |" in card and "ICU-Sepsis" not in card and card.count("For research only") == 2
+    # which Q inputs the estimate came from, and the validation of that fit (not the observation-only one's)
+    assert "FQE's Q inputs: observation + history: the episode's 7 previous (obs, dose) steps" in card
+    assert "FQE fits Q on the observation and the episode's history (the default)" in card
+    assert "FQE on the observation alone" not in card
