@@ -11,7 +11,8 @@ reference row. FQE's Q sees the observation and the episode's 7 previous (obs, d
 (`--continuous-fqe-history-lags`, `-hidden`, `-iterations`, `-steps`, `-refits`; `fqe_config`), the fit
 validated on the simulator (docs/evaluation.md); every output names the Q inputs it used. Writes
 `evaluation.json`, `evaluation.md` and `forest.png` into the run folder (the 5 x 5 action heatmap and the
-Q-value figure are for discrete policies), and a model card (README.md) into each checkpoint folder (`cleansepsis.model_card.continuous_model_card`).
+Q-value figure are for discrete policies), and a model card (README.md) into each checkpoint folder
+(`cleansepsis.model_card.continuous_model_card`).
 """
 
 from __future__ import annotations
