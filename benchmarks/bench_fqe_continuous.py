@@ -12,7 +12,8 @@ log-normal noise (stochastic, so importance sampling is defined), a fixed 1,000 
 (deterministic, partly outside the logged doses), and any continuous-policy checkpoints given (evaluated
 acting by their mean dose, as the learners' own evaluation does).
 
-    uv run python benchmarks/bench_fqe_continuous.py
+    uv run python benchmarks/bench_fqe_continuous.py                    # the default FQE: Q on obs + history
+    uv run python benchmarks/bench_fqe_continuous.py --history-lags 0 --hidden 128 --fqe-steps 500  # obs only
     uv run python benchmarks/bench_fqe_continuous.py --seeds 1 2 3 --targets "clinician (stochastic)" \
         --checkpoints runs/bc/checkpoints/s0_seed0 runs/iql/checkpoints/s0_seed0
 """
@@ -34,6 +35,8 @@ from cleansepsis import ope_continuous as oc
 from cleansepsis import vancomycin as V
 from cleansepsis.replay import Transitions
 
+DEFAULT_FQE = oc.ContinuousFQEConfig()
+
 
 @dataclass(frozen=True)
 class Args:
@@ -45,26 +48,28 @@ class Args:
     """Seeds of the logged data: one independent replay each (every target's FQE is fitted on each)."""
     mc_seed: int = 1_000
     """Seed of the Monte Carlo patients (the same for every target)."""
-    fqe_iterations: int = 12
+    # the FQE defaults are ContinuousFQEConfig's: the validated history fit (docs/evaluation.md)
+    fqe_iterations: int = DEFAULT_FQE.n_iterations
     """FQE iterations (target refreshes); the episodes have 8 steps."""
-    fqe_steps: int = 500
+    fqe_steps: int = DEFAULT_FQE.steps_per_iteration
     """Adam steps per FQE iteration."""
-    hidden: int = 128
+    hidden: int = DEFAULT_FQE.hidden
     """Width of the Q network's two hidden layers."""
-    batch_size: int = 512
+    batch_size: int = DEFAULT_FQE.batch_size
     """Minibatch of each Adam step (larger batches cost little more per step on a CPU)."""
-    learning_rate: float = 1e-3
+    learning_rate: float = DEFAULT_FQE.learning_rate
     """Adam's rate at the start of each FQE iteration (cosine-decayed within it)."""
-    dose_encoding: str = "bounds"
+    dose_encoding: str = DEFAULT_FQE.dose_encoding
     """How the dose enters the Q network: "standardised" (dose and log dose) or "bounds" ([-1, 1])."""
-    history_lags: int = 0
-    """Q also sees this many previous (obs, dose) steps of each episode (7: the whole history)."""
+    history_lags: int = DEFAULT_FQE.history_lags
+    """Q also sees this many previous (obs, dose) steps of each episode (7, the default: the whole history;
+    0: Q on the observation only, the fit measured before the history default)."""
     oracle_state: bool = False
     """Diagnostic: Q also sees the simulator's hidden state (PK parameters, drug amounts, kidney function,
     previous AUC), which makes it Markov; the targets still act on the observation. Not available on real
     data: it measures how much of FQE's error comes from the observation not being a Markov state."""
-    refits: int = 8
-    """FQE refits on episode resamples for the interval."""
+    refits: int = 5
+    """FQE refits on episode resamples for the interval (5: the validated fit's)."""
     action_samples: int = 4
     """Sampled doses per next state for stochastic targets."""
     n_boot: int = 200
@@ -218,6 +223,14 @@ def checkpoint_targets(paths: tuple[Path, ...]) -> list[tuple[oc.ContinuousTarge
 
 def main(argv: list[str] | None = None) -> int:
     args = tyro.cli(Args, args=argv, description=__doc__)
+    try:  # a bad FQE setting is one error line before anything is simulated or compiled
+        config = oc.ContinuousFQEConfig(hidden=args.hidden, n_iterations=args.fqe_iterations,
+                                        steps_per_iteration=args.fqe_steps, dose_encoding=args.dose_encoding,
+                                        history_lags=args.history_lags, batch_size=args.batch_size,
+                                        learning_rate=args.learning_rate)  # fmt: skip
+    except oc.OPEError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     params = V.VancoParams()
     started = time.time()
     shifted, shifted_density = scaled_clinician(1.2)
@@ -236,10 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     if args.targets:
         targets = [t for t in targets if t[0].name in args.targets]
-    config = oc.ContinuousFQEConfig(hidden=args.hidden, n_iterations=args.fqe_iterations,
-                                    steps_per_iteration=args.fqe_steps, dose_encoding=args.dose_encoding,
-                                    history_lags=args.history_lags, batch_size=args.batch_size,
-                                    learning_rate=args.learning_rate)  # fmt: skip
     # true values first: one Monte Carlo per target, on the same patients for every target
     truth = {}
     for target, _, sim_policy in targets:
@@ -260,11 +269,13 @@ def main(argv: list[str] | None = None) -> int:
                 behavior_log_density=np.asarray(data.behavior_log_density), acting=acting,
                 n_action_samples=args.action_samples, n_boot=args.n_boot,
                 key=jax.random.key(seed * 1_000 + 2 + i), config=config, n_refits=args.refits,
+                progress=f"FQE {target.name} (seed {seed})",
             )  # fmt: skip
             fqe = result["estimators"]["fqe"]
             se = float(np.hypot(mc_se, fqe["boot_std"]))
             row = {
-                "target": target.name, "seed": seed, "acting": acting, "mc_value": mc, "mc_se": mc_se,
+                "target": target.name, "seed": seed, "acting": acting, "q_inputs": fqe["q_inputs"], "mc_value": mc,
+                "mc_se": mc_se,
                 "fqe": fqe["estimate"], "fqe_se": fqe["boot_std"], "fqe_error": fqe["estimate"] - mc,
                 "combined_se": se, "error_in_se": (fqe["estimate"] - mc) / se,
                 "within_2se": bool(abs(fqe["estimate"] - mc) <= 2 * se),
@@ -306,8 +317,7 @@ def _fmt(x: float | None, se: float | None = None) -> str:
 
 
 def table(rows: list[dict], args: Args, observed_means: list[float]) -> str:
-    features = "obs" + (f" + {args.history_lags} previous steps" if args.history_lags else "") + (
-        " + hidden simulator state (diagnostic)" if args.oracle_state else "")
+    features = oc.q_inputs(args.history_lags) + (" + hidden simulator state (diagnostic)" if args.oracle_state else "")
     lines = [
         f"Logged: {args.episodes} clinician episodes per replay, seeds {list(args.seeds)} (observed returns "
         f"{', '.join(f'{m:.3f}' for m in observed_means)}). FQE: Q on {features}, MLP {args.hidden}x2, "

@@ -7,14 +7,17 @@ and WDR (`cleansepsis.ope_continuous`), beside the logged policy's observed retu
 warnings as the discrete path. On a vancomycin simulator replay (env id CleanSepsis/Vancomycin-v0) every
 policy's true value is also simulated (Monte Carlo over `--sim-patients` patients, with its standard
 error), and the clinician-like behaviour policy, whose density the replay logs, is evaluated as a
-reference row. Writes `evaluation.json`, `evaluation.md` and `forest.png` into the run folder (the 5 x 5
-action heatmap and the Q-value figure are for discrete policies), and a model card (README.md) into each
-checkpoint folder (`cleansepsis.model_card.continuous_model_card`).
+reference row. FQE's Q sees the observation and the episode's 7 previous (obs, dose) steps by default
+(`--continuous-fqe-history-lags`, `-hidden`, `-iterations`, `-steps`, `-refits`; `fqe_config`), the fit
+validated on the simulator (docs/evaluation.md); every output names the Q inputs it used. Writes
+`evaluation.json`, `evaluation.md` and `forest.png` into the run folder (the 5 x 5 action heatmap and the
+Q-value figure are for discrete policies), and a model card (README.md) into each checkpoint folder
+(`cleansepsis.model_card.continuous_model_card`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,63 @@ from cleansepsis.policy import load_policy
 from cleansepsis.replay import Replay, describe_action_space
 
 OUTPUT_FILES = ("evaluation.json", "evaluation.md", "forest.png")
+
+
+# evaluate.Args field -> (ContinuousFQEConfig field, smallest value)
+CONTINUOUS_FQE_OPTIONS = {
+    "continuous_fqe_history_lags": ("history_lags", 0),
+    "continuous_fqe_hidden": ("hidden", 1),
+    "continuous_fqe_iterations": ("n_iterations", 1),
+    "continuous_fqe_steps": ("steps_per_iteration", 1),
+    "continuous_fqe_refits": (None, 0),
+}
+# options of the discrete path that the continuous one does not read, with the option that does its job there
+DISCRETE_FQE_OPTIONS = {
+    "fqe_iterations": "--continuous-fqe-iterations",
+    "fqe_steps": "--continuous-fqe-steps",
+    "fqe_refits": "--continuous-fqe-refits",
+}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _defaults(args: Any) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(args)}
+
+
+def check_fqe_options(args: Any, replay: Replay) -> None:
+    """One clear error, before anything is fitted or compiled, for a continuous FQE option out of range,
+    one given for a replay of the other kind (it would be silently ignored), or a discrete neural FQE option
+    given for a continuous replay."""
+    from cleansepsis.evaluate import EvaluationError
+
+    defaults = _defaults(args)
+    for name, (_, smallest) in CONTINUOUS_FQE_OPTIONS.items():
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+            raise EvaluationError(f"{_option(name)} must be an integer >= {smallest}, got {value!r}")
+    if replay.is_continuous:
+        for name, instead in DISCRETE_FQE_OPTIONS.items():
+            if getattr(args, name) != defaults[name]:
+                raise EvaluationError(
+                    f"{_option(name)} {getattr(args, name)}: an option of the discrete neural FQE; {replay.path} "
+                    f"has continuous doses, whose FQE takes {instead}"
+                )
+    else:
+        for name in CONTINUOUS_FQE_OPTIONS:
+            if getattr(args, name) != defaults[name]:
+                raise EvaluationError(
+                    f"{_option(name)} {getattr(args, name)}: an option of continuous FQE; {replay.path} has "
+                    "discrete actions"
+                )
+
+
+def fqe_config(args: Any) -> oc.ContinuousFQEConfig:
+    """The continuous FQE fit of the evaluate options (the defaults: the validated history fit)."""
+    return oc.ContinuousFQEConfig(**{field: getattr(args, name) for name, (field, _) in CONTINUOUS_FQE_OPTIONS.items()
+                                     if field is not None})  # fmt: skip
 
 
 def continuous_target_of(policy: Any, name: str) -> oc.ContinuousTarget:
@@ -109,14 +169,15 @@ def evaluate_run(run_dir: Path, entries: list[dict[str, Any]], replay: Replay, a
     log(f"{run_dir}: {len(entries)} policies on {replay.path} split {args.split} ({data.size} transitions, "
         f"{describe_action_space(space)})")  # fmt: skip
     observed = observed_return(data, args.gamma)
-    config = oc.ContinuousFQEConfig(n_iterations=args.fqe_iterations, steps_per_iteration=args.fqe_steps)
+    config = fqe_config(args)
 
     def evaluate_target(name: str, target: oc.ContinuousTarget, acting: str, index: int) -> dict[str, Any]:
+        log(f"  FQE of {name} ({acting}) ...")
         result = oc.continuous_off_policy_evaluation(
             data, target, low=float(space["low"]), high=float(space["high"]), gamma=args.gamma,
             behavior_log_density=behavior_log_density, acting=acting, n_action_samples=args.action_samples,
             clip=args.clip, n_boot=args.n_boot, key=jax.random.fold_in(jax.random.key(args.seed), index),
-            config=config, n_refits=args.fqe_refits,
+            config=config, n_refits=args.continuous_fqe_refits, progress=f"FQE {name}",
         )  # fmt: skip
         state_doses = result.pop("state_doses")
         result.pop("target_doses")
@@ -129,6 +190,9 @@ def evaluate_run(run_dir: Path, entries: list[dict[str, Any]], replay: Replay, a
         name = Path(entry["checkpoint"]).name
         loaded.append((entry, policy, continuous_target_of(policy, name)))
 
+    n_fits = 1 + (args.continuous_fqe_refits if args.continuous_fqe_refits >= 2 else 0)
+    log(f"FQE: Q on {oc.q_inputs(config.history_lags)}, {config.hidden}x2, {config.n_iterations} iterations x "
+        f"{config.steps_per_iteration} steps, {n_fits} fits per policy")  # fmt: skip
     policies = []
     if simulator is not None and _clinician_is_the_behaviour(data, behavior_log_density, simulator[1]):
         params, V = simulator
@@ -223,7 +287,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report['replay']['content_hash'][:16]}...`), split `{report['replay']['split']}`, "
         f"{describe_action_space(space)} in [{space['low']}, {space['high']}]. Reward: {report['replay']['reward']}.",
         f"Behaviour density: {report['behavior']['source']}. gamma {s['gamma']}; weight clip {s['clip']}; "
-        f"{s['n_boot']} bootstrap resamples of episodes for the IS intervals. FQE: {fqe0['features']}, "
+        f"{s['n_boot']} bootstrap resamples of episodes for the IS intervals.",
+        f"FQE's Q inputs: **{fqe0.get('q_inputs', 'observation only')}**. FQE: {fqe0['features']}, "
         f"{fqe0['n_iterations']} iterations x {fqe0['steps_per_iteration']} steps; interval: {fqe0['interval']}.",
         "",
         "## Off-policy estimates",
@@ -271,13 +336,15 @@ def write_outputs(run_dir: Path, report: dict[str, Any], args: Any) -> None:
 
 def comparison_table(reports: list[dict[str, Any]]) -> str:
     """One row per run folder: FQE over its policies, and the simulated values where known."""
-    lines = ["| run | policies | FQE mean (min-max) | observed | simulated mean | warnings |", "|---|---|---|---|---|---|"]
+    lines = ["| run | policies | FQE mean (min-max) | FQE's Q inputs | observed | simulated mean | warnings |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in reports:
         learned = [p for p in r["policies"] if p.get("checkpoint")]
         fqe = np.array([p["ope"]["estimators"]["fqe"]["estimate"] for p in learned])
         sims = [p["simulated"]["value"] for p in learned if p.get("simulated")]
+        q_inputs = r["policies"][0]["ope"]["estimators"]["fqe"].get("q_inputs", "observation only")
         lines.append(
-            f"| {Path(r['run_dir']).name} | {len(learned)} | {fqe.mean():.4f} ({fqe.min():.4f}-{fqe.max():.4f}) | "
+            f"| {Path(r['run_dir']).name} | {len(learned)} | {fqe.mean():.4f} ({fqe.min():.4f}-{fqe.max():.4f}) | {q_inputs} | "
             f"{r['observed_return']['mean']:.4f} | {f'{np.mean(sims):.4f}' if sims else 'unknown'} | "
             f"{', '.join(r['warnings']) or 'none'} |"
         )

@@ -17,8 +17,11 @@ before the fit). The estimate is the mean over episodes of mean_j Q(s_0, a_0j). 
 fit's own uncertainty, as the discrete neural FQE's does: the fit is repeated `n_refits` times under one
 `jax.vmap`, each on one resample of the EPISODES (squared errors weighted by how often the episode was
 drawn) from a fresh initialisation and minibatch stream; the interval is estimate +- z * their sd.
-With `history_lags` k > 0, Q also sees the episode's k previous (obs, dose) steps (`history_features`):
-for an observation that is not a Markov state, FQE on it is biased for targets other than the behaviour.
+By default (`history_lags` 7) Q also sees the episode's 7 previous (obs, dose) steps (`history_features`):
+for an observation that is not a Markov state, FQE on it alone is biased for targets other than the
+behaviour (docs/evaluation.md). `ContinuousFQEConfig(history_lags=0)` is the observation-only fit. The
+history needs whole episodes with steps t = 0, 1, 2, ... (`ope.episode_layout` says which episode is not);
+their rows may come in any order.
 
 Importance sampling (WIS, per-decision WIS, WDR with FQE's Q as the model) reuses `cleansepsis.ope` with
 rho_t = pi_e(a_t|s_t) / pi_b(a_t|s_t), a ratio of densities (both per mg). A deterministic target has no
@@ -29,8 +32,9 @@ the logged `behavior_log_density`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import equinox as eqx
@@ -129,17 +133,47 @@ def target_doses(
 # ----------------------------------------------------------------------------------------------
 # FQE
 
+DOSE_ENCODINGS = ("bounds", "standardised")
+
 
 @dataclass(frozen=True)
 class ContinuousFQEConfig:
-    hidden: int = 128
-    n_iterations: int = 20  # outer FQE iterations (target refreshes); >= the horizon when gamma is 1
-    steps_per_iteration: int = 300
+    """The continuous FQE fit. The defaults are the fit validated on the vancomycin simulator: Q on the
+    observation plus the episode's 7 previous (obs, dose) steps (the whole history of its 8-step episodes),
+    2 x 256, 12 iterations x 2,000 Adam steps of 512 (docs/evaluation.md, "History FQE at the current
+    policies"). `history_lags=0` is the observation-only fit (faster; biased for policies other than the
+    logged one where the observation is not a Markov state)."""
+
+    hidden: int = 256
+    n_iterations: int = 12  # outer FQE iterations (target refreshes); >= the horizon when gamma is 1
+    steps_per_iteration: int = 2_000
     batch_size: int = 512
     learning_rate: float = 1e-3
     dose_encoding: str = "bounds"  # or "standardised" (see Scaling); "bounds" is the one validated
     final_lr_share: float = 0.02  # cosine decay of the rate within each iteration, to this share
-    history_lags: int = 0  # Q also sees this many previous (obs, dose) steps of the episode (history_features)
+    history_lags: int = 7  # Q also sees this many previous (obs, dose) steps of the episode (history_features)
+
+    def __post_init__(self):
+        for name in ("hidden", "n_iterations", "steps_per_iteration", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise OPEError(f"continuous FQE {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.history_lags, int) or isinstance(self.history_lags, bool) or self.history_lags < 0:
+            raise OPEError(f"continuous FQE history_lags must be an integer >= 0 (0: Q on the observation only), "
+                           f"got {self.history_lags!r}")  # fmt: skip
+        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise OPEError(f"continuous FQE learning_rate must be positive, got {self.learning_rate!r}")
+        if not 0.0 <= self.final_lr_share <= 1.0:
+            raise OPEError(f"continuous FQE final_lr_share must be in [0, 1], got {self.final_lr_share!r}")
+        if self.dose_encoding not in DOSE_ENCODINGS:
+            raise OPEError(f"dose_encoding must be one of {DOSE_ENCODINGS}; got {self.dose_encoding!r}")
+
+
+def q_inputs(history_lags: int) -> str:
+    """What FQE's Q sees, in words (outputs name it, so an estimate says which fit made it)."""
+    if history_lags == 0:
+        return "observation only (history_lags 0)"
+    return f"observation + history: the episode's {history_lags} previous (obs, dose) steps (history_lags {history_lags})"
 
 
 class ContinuousFQEData(eqx.Module):
@@ -191,8 +225,6 @@ class Scaling:
         return np.stack([(clipped - self.dose_mean) / self.dose_std,
                          (log_dose - self.log_dose_mean) / self.log_dose_std], -1).astype(np.float32)  # fmt: skip
 
-
-DOSE_ENCODINGS = ("bounds", "standardised")
 
 
 def make_scaling(
@@ -291,6 +323,52 @@ def bellman_targets(frozen: DoseQNetwork, data: ContinuousFQEData, gamma: float)
     return data.reward + gamma * data.not_done * next_value
 
 
+def _init_network(data: ContinuousFQEData, key: jax.Array, config: ContinuousFQEConfig) -> tuple[DoseQNetwork, jax.Array]:
+    """A fit's initial Q network and its (n_iterations,) keys, one per FQE iteration."""
+    init_key, train_key = jax.random.split(key)
+    network = DoseQNetwork(data.obs.shape[1], data.dose.shape[1], config.hidden, init_key)
+    return network, jax.random.split(train_key, config.n_iterations)
+
+
+def _fqe_iteration(
+    network: DoseQNetwork, data: ContinuousFQEData, gamma: float, key: jax.Array, counts: jnp.ndarray,
+    config: ContinuousFQEConfig,
+) -> tuple[DoseQNetwork, jnp.ndarray]:
+    """One FQE iteration: freeze Q_k, compute its Bellman target for every transition, regress Q on it
+    (`steps_per_iteration` Adam steps, warm-started from Q_k). Returns (Q_k+1, the iteration's mean loss)."""
+    params, static = eqx.partition(network, eqx.is_array)
+    # each iteration is a regression of its own: Adam restarts, its rate decays to a small share, so the
+    # fit ends near the minimiser instead of wherever the last noisy step left it (a bias in the mean);
+    # the network itself carries over (a warm start from the previous iteration's Q)
+    schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps_per_iteration, config.final_lr_share)
+    optimiser = optax.adam(schedule)
+    n = data.obs.shape[0]
+    row_weight = counts[data.episode]  # (N,)
+    targets = bellman_targets(network, data, gamma)  # (N,) from the frozen Q_k
+
+    def loss_fn(p, idx, target):
+        q = jax.vmap(eqx.combine(p, static))(data.obs[idx], data.dose[idx])  # (B,)
+        w = row_weight[idx]
+        return jnp.sum(w * (q - target) ** 2) / jnp.maximum(w.sum(), 1e-6)
+
+    def inner(c, k):
+        p, opt_state = c
+        idx = jax.random.randint(k, (config.batch_size,), 0, n)
+        loss, grads = jax.value_and_grad(loss_fn)(p, idx, targets[idx])
+        updates, opt_state = optimiser.update(grads, opt_state, p)
+        return (optax.apply_updates(p, updates), opt_state), loss
+
+    keys = jax.random.split(key, config.steps_per_iteration)
+    (params, _), losses = jax.lax.scan(inner, (params, optimiser.init(params)), keys)
+    return eqx.combine(params, static), losses.mean()
+
+
+def _fqe_value(network: DoseQNetwork, data: ContinuousFQEData, counts: jnp.ndarray) -> jnp.ndarray:
+    """The estimate: the counts-weighted mean over episodes of mean_j Q(s_0, a_0j)."""
+    v0 = _q_many(network, data.obs[data.first_rows], data.first_doses).mean(-1)  # (E,)
+    return (counts * v0).sum() / counts.sum()
+
+
 def continuous_fqe(
     data: ContinuousFQEData,
     gamma: float,
@@ -298,56 +376,69 @@ def continuous_fqe(
     config: ContinuousFQEConfig = ContinuousFQEConfig(),
     counts: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, DoseQNetwork, jnp.ndarray]:
-    """One FQE fit (pure; jit or vmap it). `counts` (E,) weights each episode (a bootstrap resample;
-    None: every episode once). Returns (value, network, mean loss per iteration).
+    """One FQE fit as one pure function (jit or vmap it; `continuous_fqe_estimate` runs the same steps one
+    compiled call per iteration, to show progress). `counts` (E,) weights each episode (a bootstrap
+    resample; None: every episode once). Returns (value, network, mean loss per iteration).
 
     Each iteration computes the frozen Q's Bellman target once for every transition (N * K forward
     passes) and then regresses on minibatches of those rows: the targets are the same numbers a per-minibatch
     evaluation of the frozen Q gives, without recomputing them at every one of the iteration's steps."""
-    init_key, train_key = jax.random.split(key)
-    model = DoseQNetwork(data.obs.shape[1], data.dose.shape[1], config.hidden, init_key)
-    params, static = eqx.partition(model, eqx.is_array)
-    # each iteration is a regression of its own: Adam restarts, its rate decays to a small share, so the
-    # fit ends near the minimiser instead of wherever the last noisy step left it (a bias in the mean);
-    # the network itself carries over (a warm start from the previous iteration's Q)
-    schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps_per_iteration, config.final_lr_share)
-    optimiser = optax.adam(schedule)
-    n = data.obs.shape[0]
+    network, keys = _init_network(data, key, config)
+    params, static = eqx.partition(network, eqx.is_array)
     counts = jnp.ones(data.first_rows.shape[0], jnp.float32) if counts is None else counts
-    row_weight = counts[data.episode]  # (N,)
 
-    def loss_fn(p, idx, target):
-        network = eqx.combine(p, static)
-        q = jax.vmap(network)(data.obs[idx], data.dose[idx])  # (B,)
-        w = row_weight[idx]
-        return jnp.sum(w * (q - target) ** 2) / jnp.maximum(w.sum(), 1e-6)
+    def outer(p, k):
+        network, loss = _fqe_iteration(eqx.combine(p, static), data, gamma, k, counts, config)
+        return eqx.partition(network, eqx.is_array)[0], loss
 
-    def outer(p, key):
-        targets = bellman_targets(eqx.combine(p, static), data, gamma)  # (N,) from the frozen Q_k
-
-        def inner(c, k):
-            p, opt_state = c
-            idx = jax.random.randint(k, (config.batch_size,), 0, n)
-            loss, grads = jax.value_and_grad(loss_fn)(p, idx, targets[idx])
-            updates, opt_state = optimiser.update(grads, opt_state, p)
-            return (optax.apply_updates(p, updates), opt_state), loss
-
-        keys = jax.random.split(key, config.steps_per_iteration)
-        (p, _), losses = jax.lax.scan(inner, (p, optimiser.init(p)), keys)
-        return p, losses.mean()
-
-    keys = jax.random.split(train_key, config.n_iterations)
     params, losses = jax.lax.scan(outer, params, keys)
     network = eqx.combine(params, static)
-    v0 = _q_many(network, data.obs[data.first_rows], data.first_doses).mean(-1)  # (E,)
-    return (counts * v0).sum() / counts.sum(), network, losses
+    return _fqe_value(network, data, counts), network, losses
+
+
+# The estimate and its refits run as R fits under one vmap, in two compiled programs: one FQE iteration
+# (called n_iterations times, so a long fit shows progress between calls and stops at the end of the
+# iteration a Ctrl-C lands in, as the learners' chunks do; docs/learners.md), and the values. Each is
+# compiled once per data shape and fit: every target with the same number of sampled doses shares them. The
+# initial networks are drawn eagerly, one fit at a time (the random draws' small programs are cached across
+# fits and shapes; a vmapped init was a program of its own that took longer to compile than to run).
+@eqx.filter_jit
+def _iterate_fits(networks, data, gamma, keys, counts, config):
+    return eqx.filter_vmap(lambda net, k, c: _fqe_iteration(net, data, gamma, k, c, config))(networks, keys, counts)
 
 
 @eqx.filter_jit
-def _continuous_fqe_fits(data, gamma, keys, counts, config):
+def _fit_values(networks, data, counts):
+    return eqx.filter_vmap(lambda net, c: _fqe_value(net, data, c))(networks, counts)
+
+
+def _continuous_fqe_fits(data, gamma, keys, counts, config, progress: str | None = None):
     """One fit per row of `counts` (episode weights), each from its own initialisation and minibatches,
-    under one vmap: (values (R,), networks stacked along a leading axis, losses (R, n_iterations))."""
-    return eqx.filter_vmap(lambda k, c: continuous_fqe(data, gamma, k, config, c))(keys, counts)
+    under one vmap: (values (R,), networks stacked along a leading axis, losses (R, n_iterations)). With
+    `progress` (a label), a progress bar on stderr advances after each iteration."""
+    from tqdm.auto import tqdm
+
+    from cleansepsis import interrupts
+
+    fits = [_init_network(data, k, config) for k in keys]
+    # stacked on the host: stacking on the device compiles a program per leaf shape
+    networks = jax.tree.map(lambda *x: jnp.asarray(np.stack([np.asarray(a) for a in x])), *[f[0] for f in fits])
+    iteration_keys = jax.random.wrap_key_data(np.stack([np.asarray(jax.random.key_data(f[1])) for f in fits]))
+    # one iteration reads neither the number of iterations nor the history length (the data carry it): fits
+    # that differ only there share the iteration's compiled program
+    iteration_config = replace(config, n_iterations=1, history_lags=0)
+    losses = []
+    # the same settings as the learners' bar (cleansepsis.sweep): stderr, only on a terminal, gone when done
+    with tqdm(total=config.n_iterations, desc=progress, unit="iteration", file=sys.stderr, mininterval=1.0,
+              leave=False, disable=True if progress is None else None) as bar:  # fmt: skip
+        for i in range(config.n_iterations):
+            with interrupts.stop_point():  # Ctrl-C comes back at the end of the iteration it lands in
+                networks, loss = _iterate_fits(networks, data, gamma, iteration_keys[:, i], counts, iteration_config)
+                loss = np.asarray(loss)
+            losses.append(loss)
+            bar.set_postfix_str(f"loss {float(loss[0]):.4g}", refresh=False)
+            bar.update(1)
+    return _fit_values(networks, data, counts), networks, np.stack(losses, 1)
 
 
 def make_continuous_fqe_data(
@@ -378,7 +469,7 @@ def make_continuous_fqe_data(
 
 
 def _history_text(lags: int) -> str:
-    return "" if lags == 0 else f" + the {lags} previous (obs, dose) steps"
+    return " only, no history" if lags == 0 else f" + the {lags} previous (obs, dose) steps"
 
 
 def continuous_fqe_estimate(
@@ -387,12 +478,14 @@ def continuous_fqe_estimate(
     key: jax.Array,
     counts: jnp.ndarray,
     config: ContinuousFQEConfig = ContinuousFQEConfig(),
-    n_refits: int = 10,
+    n_refits: int = 5,
     level: float = 0.95,
+    progress: str | None = None,
 ) -> tuple[dict[str, Any], DoseQNetwork]:
     """FQE's estimate and its interval from `n_refits` refits on the first rows of `counts` (episode
     resamples). n_refits 0 or 1: no interval (NaN bounds), said in the result. The estimate (every episode
-    once) and the refits are fitted together, under one vmap in one compiled program."""
+    once) and the refits are fitted together, under one vmap. `progress`: a label for a progress bar on
+    stderr (None: none)."""
     if n_refits < 0:
         raise OPEError(f"n_refits must be >= 0, got {n_refits}")
     n_refits = min(n_refits, int(counts.shape[0]))
@@ -401,7 +494,7 @@ def continuous_fqe_estimate(
     all_counts = jnp.ones((1, counts.shape[1]), jnp.float32)
     if with_refits:
         all_counts = jnp.concatenate([all_counts, jnp.asarray(counts[:n_refits], jnp.float32)])
-    values, networks, losses = _continuous_fqe_fits(fqe_data, float(gamma), keys, all_counts, config)
+    values, networks, losses = _continuous_fqe_fits(fqe_data, float(gamma), keys, all_counts, config, progress)
     values = np.asarray(values, np.float64)
     network = jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, networks)
     value = float(values[0])
@@ -409,9 +502,12 @@ def continuous_fqe_estimate(
         "estimate": value,
         "features": f"MLP on (standardised obs{_history_text(config.history_lags)}, dose encoded "
         f"{config.dose_encoding!r}) ({config.hidden}x2, relu)",
+        "q_inputs": q_inputs(config.history_lags),
         "history_lags": config.history_lags,
+        "hidden": config.hidden,
         "n_iterations": config.n_iterations,
         "steps_per_iteration": config.steps_per_iteration,
+        "batch_size": config.batch_size,
         "final_loss": float(losses[0, -1]),
         "n_action_samples": int(fqe_data.next_doses.shape[1]),
     }
@@ -484,7 +580,8 @@ def continuous_off_policy_evaluation(
     n_boot: int = 200,
     key: jax.Array | None = None,
     config: ContinuousFQEConfig = ContinuousFQEConfig(),
-    n_refits: int = 10,
+    n_refits: int = 5,
+    progress: str | None = None,
 ) -> dict[str, Any]:
     """Estimate the value of a continuous-dose target policy on logged transitions (`data`: a
     `replay.Transitions` whose `action` is the dose in physical units within [low, high]).
@@ -516,7 +613,7 @@ def continuous_off_policy_evaluation(
     fqe_data = make_continuous_fqe_data(
         q_obs, action, reward, q_next_obs, np.asarray(data.terminated), layout, next_doses, first_doses, scaling
     )
-    fqe_result, network = continuous_fqe_estimate(fqe_data, gamma, k_fqe, counts, config, n_refits)
+    fqe_result, network = continuous_fqe_estimate(fqe_data, gamma, k_fqe, counts, config, n_refits, progress=progress)
 
     undefined = is_undefined_reason(target, acting, behavior_log_density)
     if undefined is None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,8 +90,16 @@ def scaled_target(u_low: float, u_high: float) -> oc.ContinuousTarget:
     )
 
 
+# small explicit fits (the default is the validated history fit, minutes per policy); history_lags 0: Q on the
+# observation, which is the Markov state of the two-step problem
 CONFIG = oc.ContinuousFQEConfig(hidden=32, n_iterations=4, steps_per_iteration=300, batch_size=256,
-                                learning_rate=3e-3)  # fmt: skip
+                                learning_rate=3e-3, history_lags=0)  # fmt: skip
+
+
+# a tiny fit with a history in Q (lag 1), the default kind of fit; tests that use it on 100 episodes share
+# its compiled programs
+TINY_HISTORY = oc.ContinuousFQEConfig(hidden=8, n_iterations=2, steps_per_iteration=20, batch_size=64,
+                                      history_lags=1)  # fmt: skip
 
 
 def evaluate(data, target, acting, seed=0, n_refits=2, config=CONFIG):
@@ -144,9 +154,10 @@ def test_fqe_wis_and_wdr_recover_the_value_of_a_stochastic_policy(data):
 
 
 def test_without_the_behaviour_density_only_fqe_runs(data):
+    # the fit of the stochastic test above (same shapes and settings): its compiled programs serve again
     result = oc.continuous_off_policy_evaluation(
         data, scaled_target(0.7, 1.1), low=0.0, high=HIGH_DOSE, gamma=1.0, acting="sample",
-        config=CONFIG, n_refits=0, n_boot=10,
+        config=CONFIG, n_refits=2, n_boot=50,
     )  # fmt: skip
     assert "behavior_log_density" in result["undefined"]
     assert np.isfinite(result["estimators"]["fqe"]["estimate"]) and np.isnan(result["estimators"]["wis"]["estimate"])
@@ -161,10 +172,9 @@ def test_discrete_actions_are_one_clear_error():
 
 def test_same_seed_same_numbers_other_seed_other_numbers():
     small = logged_data(100, seed=3)
-    tiny = oc.ContinuousFQEConfig(hidden=8, n_iterations=2, steps_per_iteration=20, batch_size=64)
-    first = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=5, config=tiny)
-    again = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=5, config=tiny)
-    other = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=6, config=tiny)
+    first = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=5, config=TINY_HISTORY)
+    again = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=5, config=TINY_HISTORY)
+    other = evaluate(small, scaled_target(0.7, 1.1), "sample", seed=6, config=TINY_HISTORY)
     for name in ("fqe", "wis", "wdr"):
         assert first["estimators"][name] == again["estimators"][name]
     assert first["estimators"]["fqe"]["estimate"] != other["estimators"]["fqe"]["estimate"]
@@ -234,6 +244,53 @@ def test_history_features_remove_the_bias_of_a_non_markov_observation():
     assert on_obs["estimate"] < truth - 0.04
     assert with_history["estimate"] == pytest.approx(truth, abs=0.02)
     assert with_history["history_lags"] == 1 and "previous (obs, dose)" in with_history["features"]
+    assert with_history["q_inputs"].startswith("observation + history") and "1 previous" in with_history["q_inputs"]
+    assert on_obs["q_inputs"] == "observation only (history_lags 0)" and "only, no history" in on_obs["features"]
+
+
+def test_the_default_fit_is_the_validated_history_fit_and_a_bad_setting_is_one_clear_error():
+    # docs/evaluation.md: Q on obs + 7 previous steps, 2 x 256, 12 x 2,000 Adam steps of 512, 5 refits
+    default = oc.ContinuousFQEConfig()
+    assert (default.history_lags, default.hidden, default.n_iterations, default.steps_per_iteration,
+            default.batch_size, default.learning_rate, default.dose_encoding) == (7, 256, 12, 2_000, 512, 1e-3, "bounds")
+    for fn in (oc.continuous_off_policy_evaluation, oc.continuous_fqe_estimate):
+        parameters = inspect.signature(fn).parameters
+        assert parameters["config"].default == default and parameters["n_refits"].default == 5
+    for bad in ({"history_lags": -1}, {"history_lags": 1.5}, {"hidden": 0}, {"n_iterations": 0},
+                {"steps_per_iteration": 0}, {"batch_size": -2}, {"learning_rate": 0.0}, {"dose_encoding": "log"}):
+        name, value = next(iter(bad.items()))
+        with pytest.raises(OPEError, match=f"{name} must .*{value!r}"):
+            oc.ContinuousFQEConfig(**bad)
+
+
+def test_the_history_takes_rows_in_any_order_and_an_episode_not_starting_at_t0_is_one_clear_error(monkeypatch):
+    data = logged_data(100, seed=4)  # the shapes and fit of the seed test: no compile of its own
+    seen = []
+
+    def recording(q_obs, *rest):
+        seen.append(np.asarray(q_obs))
+        return make_data(q_obs, *rest)
+
+    make_data = oc.make_continuous_fqe_data
+    monkeypatch.setattr(oc, "make_continuous_fqe_data", recording)
+    order = np.random.default_rng(0).permutation(data.size)  # episodes interleaved, steps out of order
+    for rows in (np.arange(data.size), order):
+        result = evaluate(jax.tree.map(lambda x, rows=rows: x[rows], data), scaled_target(0.7, 1.1), "sample",
+                          config=TINY_HISTORY)  # fmt: skip
+        assert np.isfinite(result["estimators"]["fqe"]["estimate"])
+    # each row's history is its own episode's previous step, wherever the rows sit
+    np.testing.assert_array_equal(seen[1], seen[0][order])
+    assert np.ptp(seen[0][1::2, 2:]) > 0  # the t = 1 rows carry a history (the t = 0 step), not zeros
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before the episodes were checked")
+
+    monkeypatch.setattr(oc, "_continuous_fqe_fits", no_fit)
+    late_start = dataclasses.replace(data, t=data.t + 1)  # every episode starts at t = 1
+    gap = dataclasses.replace(data, t=data.t.at[1].set(2))  # episode 0 has steps 0 and 2
+    for bad, episode in ((late_start, 0), (gap, 0)):
+        with pytest.raises(OPEError, match=f"episode {episode} has steps .* needs every episode's steps 0, 1, 2"):
+            evaluate(bad, scaled_target(0.7, 1.1), "sample", config=TINY_HISTORY)
 
 
 def _tiny_fqe_data(n_episodes: int = 40, n_samples: int = 3):
@@ -264,14 +321,17 @@ def test_the_estimate_and_its_refits_are_the_single_fits_with_the_same_keys():
     # one vmapped program fits the estimate (every episode once) and the refits: each of its numbers must be
     # the fit that key and those episode weights give alone
     fqe_data, layout = _tiny_fqe_data()
-    tiny = oc.ContinuousFQEConfig(hidden=8, n_iterations=2, steps_per_iteration=15, batch_size=32)
+    tiny = oc.ContinuousFQEConfig(hidden=8, n_iterations=2, steps_per_iteration=15, batch_size=32, history_lags=0)
     key = jax.random.key(11)
     counts = oc.ope.bootstrap_counts(jax.random.key(2), layout.n_episodes, 5)
     result, network = oc.continuous_fqe_estimate(fqe_data, 1.0, key, counts, tiny, n_refits=3)
-    alone, alone_network, _ = oc.continuous_fqe(fqe_data, 1.0, key, tiny)
+    # the single fit as one program (one lax.scan over the iterations): compiled once without counts (every
+    # episode once), once for the three refits
+    fit = eqx.filter_jit(oc.continuous_fqe)
+    alone, alone_network, _ = fit(fqe_data, 1.0, key, tiny)
     assert result["estimate"] == pytest.approx(float(alone), abs=1e-5)
     refit_keys = jax.random.split(jax.random.fold_in(key, 1), 3)
-    refits = [float(oc.continuous_fqe(fqe_data, 1.0, k, tiny, jnp.asarray(c, jnp.float32))[0])
+    refits = [float(fit(fqe_data, 1.0, k, tiny, jnp.asarray(c, jnp.float32))[0])
               for k, c in zip(refit_keys, counts[:3], strict=True)]  # fmt: skip
     assert result["boot_std"] == pytest.approx(np.std(refits, ddof=1), rel=1e-3)
     obs, doses = np.asarray(fqe_data.obs[:5]), np.asarray(fqe_data.dose[:5])
