@@ -22,6 +22,10 @@ policies, so the ceiling and the learners' values compare patient for patient.
 
 Whatever it finds is achievable from the observation, so its value is a lower bound on the observation-only
 optimum; the oracle (which reads the hidden PK parameters) is not.
+
+`--history-lags K` lets the policy also read the episode's K previous steps (their observation features and
+log dose, zero-padded at the start with a 'present' flag): the same search for a policy of the whole observed
+history, on the same patients (the rollout uses the simulator's keys exactly as `V.rollout` does).
 """
 
 from __future__ import annotations
@@ -49,6 +53,20 @@ STATS_KEY_SEED = 7  # the clinician-like rollout whose mean and sd standardise t
 LEARNER_PATIENTS_KEY_SEED = 20_211_007
 
 
+N_FEATURES = V.OBS_DIM + len(LOG_FEATURES)  # the policy's inputs per observation
+HISTORY_ROW = N_FEATURES + 2  # a previous step: its features, its log dose and a 'present' flag
+
+
+def observation_features(obs: jax.Array, obs_mean: jax.Array, obs_std: jax.Array) -> jax.Array:
+    logs = jnp.log(jnp.maximum(obs[jnp.array([FEATURE[n] for n in LOG_FEATURES])], 0.5))
+    return jnp.concatenate([(obs - obs_mean) / obs_std, logs - 5.0])
+
+
+def squashed_dose(net_output: jax.Array) -> jax.Array:
+    low, high = LOG_DOSE_RANGE
+    return jnp.exp(low + (high - low) * jax.nn.sigmoid(net_output[0]))
+
+
 class ObsPolicy(eqx.Module):
     """Observation (OBS_DIM,) -> dose in mg, deterministic."""
 
@@ -57,12 +75,29 @@ class ObsPolicy(eqx.Module):
     obs_std: jax.Array
 
     def features(self, obs: jax.Array) -> jax.Array:
-        logs = jnp.log(jnp.maximum(obs[jnp.array([FEATURE[n] for n in LOG_FEATURES])], 0.5))
-        return jnp.concatenate([(obs - self.obs_mean) / self.obs_std, logs - 5.0])
+        return observation_features(obs, self.obs_mean, self.obs_std)
 
     def __call__(self, obs: jax.Array) -> jax.Array:
-        low, high = LOG_DOSE_RANGE
-        return jnp.exp(low + (high - low) * jax.nn.sigmoid(self.net(self.features(obs))[0]))
+        return squashed_dose(self.net(self.features(obs)))
+
+
+class HistoryPolicy(eqx.Module):
+    """(observation, the episode's `lags` previous steps (lags, HISTORY_ROW), newest first) -> dose in mg."""
+
+    net: MLP
+    obs_mean: jax.Array
+    obs_std: jax.Array
+    lags: int = eqx.field(static=True)
+
+    def features(self, obs: jax.Array) -> jax.Array:
+        return observation_features(obs, self.obs_mean, self.obs_std)
+
+    def __call__(self, obs: jax.Array, history: jax.Array) -> jax.Array:
+        return squashed_dose(self.net(jnp.concatenate([self.features(obs), history.reshape(-1)])))
+
+    def history_row(self, obs: jax.Array, dose: jax.Array) -> jax.Array:
+        log_dose = jnp.log(jnp.maximum(dose, 1.0))[None] - 7.0  # log(1,100 mg) ~ 7: centred like the logs above
+        return jnp.concatenate([self.features(obs), log_dose, jnp.ones((1,), jnp.float32)])
 
 
 def observation_stats(sim: V.VancoParams, n_patients: int = 5_000) -> tuple[jax.Array, jax.Array]:
@@ -73,14 +108,17 @@ def observation_stats(sim: V.VancoParams, n_patients: int = 5_000) -> tuple[jax.
 
 
 def init_policy(key: jax.Array, hidden: tuple[int, ...], obs_mean: jax.Array, obs_std: jax.Array,
-                start_dose_mg: float = 1000.0) -> ObsPolicy:
-    """A network whose every dose starts near `start_dose_mg` (small last layer, bias at that dose)."""
-    net = MLP(V.OBS_DIM + len(LOG_FEATURES), 1, hidden, key)
+                start_dose_mg: float = 1000.0, history_lags: int = 0) -> ObsPolicy | HistoryPolicy:
+    """A network whose every dose starts near `start_dose_mg` (small last layer, bias at that dose); with
+    `history_lags` > 0 a HistoryPolicy reading that many previous steps."""
+    net = MLP(N_FEATURES + history_lags * HISTORY_ROW, 1, hidden, key)
     low, high = LOG_DOSE_RANGE
     frac = (np.log(start_dose_mg) - low) / (high - low)
     last = net.layers[-1]
     net = eqx.tree_at(lambda n: (n.layers[-1].weight, n.layers[-1].bias), net,
                       (last.weight * 0.01, jnp.full_like(last.bias, float(np.log(frac / (1 - frac))))))
+    if history_lags:
+        return HistoryPolicy(net, obs_mean, obs_std, history_lags)
     return ObsPolicy(net, obs_mean, obs_std)
 
 
@@ -90,6 +128,40 @@ def as_policy(model: ObsPolicy) -> V.Policy:
         return model(obs), jnp.zeros((), jnp.float32)
 
     return policy
+
+
+def history_rollout(key: jax.Array, sim: V.VancoParams, model: HistoryPolicy, n_patients: int) -> dict[str, jax.Array]:
+    """`V.rollout` for a policy of the episode's history: the same keys for the same patients and actions,
+    the same records, with the previous steps carried beside the simulator's state."""
+
+    def one_patient(k):
+        k_reset, k_run = jax.random.split(k)
+        obs, state = V.reset(k_reset, sim)
+        history = jnp.zeros((model.lags, HISTORY_ROW), jnp.float32)
+
+        def body(carry, k_step):
+            obs, state, history = carry
+            k_act, k_env = jax.random.split(k_step)
+            del k_act  # the policy is deterministic; split as V.rollout does so the patients are the same
+            dose = model(obs, history)
+            next_obs, next_state, reward, terminated, info = V.step(k_env, state, dose, sim)
+            history = jnp.concatenate([model.history_row(obs, dose)[None], history[:-1]])
+            record = {
+                "obs": obs, "dose": jnp.clip(dose, 0.0, V.DOSE_MAX_MG), "log_density": jnp.zeros((), jnp.float32),
+                "reward": reward, "next_obs": next_obs, "terminated": terminated, **info._asdict(),
+            }
+            return (next_obs, next_state, history), record
+
+        _, records = jax.lax.scan(body, (obs, state, history), jax.random.split(k_run, V.N_DECISIONS))
+        return records
+
+    return jax.vmap(one_patient)(jax.random.split(key, n_patients))
+
+
+def rollout_of(key: jax.Array, sim: V.VancoParams, model: ObsPolicy | HistoryPolicy, n_patients: int):
+    if isinstance(model, HistoryPolicy):
+        return history_rollout(key, sim, model, n_patients)
+    return V.rollout(key, sim, as_policy(model), n_patients)
 
 
 def surrogate_returns(records: dict[str, jax.Array], sim: V.VancoParams) -> jax.Array:
@@ -106,8 +178,7 @@ def make_search(sim: V.VancoParams, static: Any, batch_patients: int, steps: int
     optimiser = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
 
     def loss(params, key):
-        model = eqx.combine(params, static)
-        records = V.rollout(key, sim, as_policy(model), batch_patients)
+        records = rollout_of(key, sim, eqx.combine(params, static), batch_patients)
         return -surrogate_returns(records, sim).mean()
 
     def search(key, params):
@@ -123,13 +194,27 @@ def make_search(sim: V.VancoParams, static: Any, batch_patients: int, steps: int
     return search
 
 
-def value_of(model: ObsPolicy, sim: V.VancoParams, key: jax.Array, n_patients: int) -> tuple[float, float]:
-    return V.policy_value(key, sim, as_policy(model), n_patients)
+def value_of(model: ObsPolicy | HistoryPolicy, sim: V.VancoParams, key: jax.Array, n_patients: int,
+             chunk: int = 25_000) -> tuple[float, float]:
+    """Monte Carlo value and its standard error, on the patients `V.policy_value` would draw from `key`."""
+    if isinstance(model, ObsPolicy):
+        return V.policy_value(key, sim, as_policy(model), n_patients, chunk)
+    params, static = eqx.partition(model, eqx.is_array)
+    returns = []
+    n_chunks = -(-n_patients // chunk)
+    for i, k in enumerate(jax.random.split(key, n_chunks)):
+        size = min(chunk, n_patients - i * chunk)
+        run = jax.jit(lambda k, p, size=size: history_rollout(k, sim, eqx.combine(p, static), size)["reward"])
+        returns.append(np.asarray(run(k, params)).sum(-1))
+    returns = np.concatenate(returns).astype(np.float64)
+    return float(returns.mean()), float(returns.std(ddof=1) / np.sqrt(returns.size))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
+    parser.add_argument("--history-lags", type=int, default=0,
+                        help="the policy also reads this many previous (observation, dose) steps (7: all)")
     parser.add_argument("--steps", type=int, default=2_000)
     parser.add_argument("--batch-patients", type=int, default=2_048)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
@@ -139,12 +224,13 @@ def main() -> None:
                         help="key of the final patients (default: iql_continuous.py's final patients)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args()
-    if args.steps < 1 or args.batch_patients < 2 or args.final_patients < 2:
-        parser.error("--steps must be at least 1, --batch-patients and --final-patients at least 2")
+    if args.steps < 1 or args.batch_patients < 2 or args.final_patients < 2 or args.history_lags < 0:
+        parser.error("--steps must be at least 1, --batch-patients and --final-patients at least 2, "
+                     "--history-lags at least 0")
     sim = V.VancoParams()
     start = time.perf_counter()
     key_init, key_search = jax.random.split(jax.random.PRNGKey(args.seed))
-    model = init_policy(key_init, tuple(args.hidden), *observation_stats(sim))
+    model = init_policy(key_init, tuple(args.hidden), *observation_stats(sim), history_lags=args.history_lags)
     params, static = eqx.partition(model, eqx.is_array)
     search = jax.jit(make_search(sim, static, args.batch_patients, args.steps, args.learning_rate))
     params, curve = search(key_search, params)
@@ -157,13 +243,16 @@ def main() -> None:
                                     "last_100_steps": float(curve[-100:].mean())},
         "search_seconds": search_seconds,
     }
-    for name, policy in (("obs_ceiling", as_policy(model)), ("clinician", V.clinician_policy),
-                         ("oracle", V.oracle_policy)):
-        mean, stderr = V.policy_value(final_key, sim, policy, args.final_patients)
+    ceiling_name = "history_ceiling" if args.history_lags else "obs_ceiling"
+    values = {ceiling_name: value_of(model, sim, final_key, args.final_patients)}
+    for name, policy in (("clinician", V.clinician_policy), ("oracle", V.oracle_policy)):
+        values[name] = V.policy_value(final_key, sim, policy, args.final_patients)
+    for name, (mean, stderr) in values.items():
         result[name] = {"value": mean, "stderr": stderr, "ci95": [mean - 1.96 * stderr, mean + 1.96 * stderr]}
-    records = V.rollout_jit(final_key, sim, as_policy(model), min(args.final_patients, 25_000))
-    result["obs_ceiling_outcomes"] = V.summarize_rollout(records)
-    clinician, oracle, ceiling = (result[k]["value"] for k in ("clinician", "oracle", "obs_ceiling"))
+    n_summary = min(args.final_patients, 25_000)
+    records = jax.jit(lambda key, p: rollout_of(key, sim, eqx.combine(p, static), n_summary))(final_key, params)
+    result[f"{ceiling_name}_outcomes"] = V.summarize_rollout(records)
+    clinician, oracle, ceiling = (result[k]["value"] for k in ("clinician", "oracle", ceiling_name))
     result["share_of_clinician_oracle_gap"] = (ceiling - clinician) / (oracle - clinician)
     result["half_gap_value"] = clinician + 0.5 * (oracle - clinician)
     result["seconds"] = time.perf_counter() - start

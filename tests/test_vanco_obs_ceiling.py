@@ -114,3 +114,51 @@ def test_final_patients_are_the_learners_final_patients():
 
     assert B.LEARNER_PATIENTS_KEY_SEED == learner.EVAL_KEY_SEED + 1
     assert learner.FINAL_EVAL_CHUNK == inspect.signature(V.policy_value).parameters["chunk"].default
+
+
+N_HISTORY_PATIENTS = 50
+
+
+def history_twin(history_lags: int, flag_lag: int | None = None, flag_weight: float = 0.0):
+    """small_model() as a HistoryPolicy: the same weights on the observation, zero weight on the history
+    except (when `flag_lag` is given) `flag_weight` on the 'present' flag of that lag, in every hidden unit."""
+    obs_model = small_model()
+    model = B.init_policy(jax.random.PRNGKey(0), (8,), obs_model.obs_mean, obs_model.obs_std,
+                          history_lags=history_lags)
+    first = obs_model.net.layers[0]
+    history_weight = np.zeros((first.weight.shape[0], history_lags, B.HISTORY_ROW), np.float32)
+    if flag_lag is not None:
+        history_weight[:, flag_lag, -1] = flag_weight
+    weight = jnp.concatenate([first.weight, jnp.asarray(history_weight.reshape(first.weight.shape[0], -1))], 1)
+    layers = [eqx.tree_at(lambda layer: (layer.weight, layer.bias), model.net.layers[0], (weight, first.bias)),
+              *obs_model.net.layers[1:]]
+    return eqx.tree_at(lambda m: m.net.layers, model, layers)
+
+
+@functools.cache
+def history_rollout_program():
+    return jax.jit(lambda key, model: B.history_rollout(key, SIM, model, N_HISTORY_PATIENTS))
+
+
+def test_history_rollout_gives_the_simulators_patients_and_doses():
+    """With zero weight on the history, the history policy is small_model(): its rollout must be V.rollout's,
+    patient for patient (the same keys), so ceilings with and without history compare on the same patients."""
+    key = jax.random.PRNGKey(5)
+    expected = V.rollout_jit(key, SIM, B.as_policy(small_model()), N_HISTORY_PATIENTS)
+    got = history_rollout_program()(key, history_twin(3))
+    # the longer matmul rounds the doses differently in float32 (1e-5 relative); exposure and the reward's
+    # steep parts magnify that up to 1e-3, where another patient would differ by tens of percent
+    for name, rtol, atol in (("obs", 1e-4, 1e-4), ("dose", 1e-4, 1e-4), ("auc24", 1e-2, 0.0),
+                             ("reward", 0.0, 2e-2), ("aki", 0.0, 0.0)):
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(expected[name]), rtol=rtol, atol=atol,
+                                   err_msg=name)
+
+
+def test_history_holds_the_previous_steps_newest_first():
+    """A policy reading only the 'present' flag of its third-newest step (lag index 2) must act as
+    small_model() at steps 0-2, when that step does not exist yet, and differently from step 3 on."""
+    key = jax.random.PRNGKey(6)
+    plain = np.asarray(history_rollout_program()(key, history_twin(3))["dose"])
+    flagged = np.asarray(history_rollout_program()(key, history_twin(3, flag_lag=2, flag_weight=5.0))["dose"])
+    np.testing.assert_array_equal(flagged[:, :3], plain[:, :3])
+    assert np.all(np.abs(flagged[:, 3] - plain[:, 3]) > 1e-3 * plain[:, 3])
