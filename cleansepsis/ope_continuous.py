@@ -32,7 +32,6 @@ the logged `behavior_log_density`.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -416,9 +415,8 @@ def _continuous_fqe_fits(data, gamma, keys, counts, config, progress: str | None
     """One fit per row of `counts` (episode weights), each from its own initialisation and minibatches,
     under one vmap: (values (R,), networks stacked along a leading axis, losses (R, n_iterations)). With
     `progress` (a label), a progress bar on stderr advances after each iteration."""
-    from tqdm.auto import tqdm
-
     from cleansepsis import interrupts
+    from cleansepsis.sweep import progress_bar
 
     fits = [_init_network(data, k, config) for k in keys]
     # stacked on the host: stacking on the device compiles a program per leaf shape
@@ -428,9 +426,7 @@ def _continuous_fqe_fits(data, gamma, keys, counts, config, progress: str | None
     # that differ only there share the iteration's compiled program
     iteration_config = replace(config, n_iterations=1, history_lags=0)
     losses = []
-    # the same settings as the learners' bar (cleansepsis.sweep): stderr, only on a terminal, gone when done
-    with tqdm(total=config.n_iterations, desc=progress, unit="iteration", file=sys.stderr, mininterval=1.0,
-              leave=False, disable=True if progress is None else None) as bar:  # fmt: skip
+    with progress_bar(config.n_iterations, progress, unit="iteration", enabled=progress is not None) as bar:
         for i in range(config.n_iterations):
             with interrupts.stop_point():  # Ctrl-C comes back at the end of the iteration it lands in
                 networks, loss = _iterate_fits(networks, data, gamma, iteration_keys[:, i], counts, iteration_config)

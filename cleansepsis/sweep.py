@@ -381,16 +381,17 @@ def run_sweep(
     return out, {"compile_seconds": compile_seconds, **timing}
 
 
-def _progress_bar(total: int, desc: str):
+def progress_bar(total: int, desc: str | None, unit: str = "eval", enabled: bool = True):
+    """The project's progress bar: on stderr, only on a terminal and on the main process, gone when done."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="eval", file=sys.stderr, mininterval=1.0, leave=False,
-                disable=True if not is_main_process() else None)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=1.0, leave=False,
+                disable=True if not (enabled and is_main_process()) else None)
 
 
 def _run_whole(compiled: Any, args: tuple, total_ticks: int, desc: str) -> tuple[Any, dict[str, float]]:
     """One call of a program that ticks the progress bar from inside (`tick`)."""
-    with _progress_bar(total_ticks, desc) as bar:
+    with progress_bar(total_ticks, desc) as bar:
         _progress["bar"] = bar
         try:
             t0, cpu0 = time.perf_counter(), time.process_time()
@@ -413,7 +414,7 @@ def _run_chunks(
                                             jax.sharding.PartitionSpec())
     flags = [_global_array(np.bool_(i == 0), replicated) for i in range(min(n_chunks, 2))]
     metrics_of_chunks, snapshots, final = [], [], None
-    with _progress_bar(probe.num_evals * n_runs, desc) as bar:
+    with progress_bar(probe.num_evals * n_runs, desc) as bar:
         t0, cpu0 = time.perf_counter(), time.process_time()
         for i in range(n_chunks):
             with interrupts.stop_point():
