@@ -144,3 +144,24 @@ def icu_replay_small() -> tuple[pl.DataFrame, dict]:
     from cleansepsis.icu_replay import make_clinician_replay
 
     return make_clinician_replay(200, seed=0, val_frac=0.2, test_frac=0.2)
+
+
+@pytest.fixture
+def counted_seed_sweep():
+    """`make(train)` -> (sweep, keys, traces): a learner's `train(key, hparams, inputs)` vmapped over the keys
+    of seeds 0, 1, 0 (the repeated seed must repeat exactly, the other differ) under one jit, each trace of
+    `train` appended to `traces` (so a test can check that new hyperparameter values do not retrace)."""
+    import jax
+    import jax.numpy as jnp
+
+    def make(train):
+        traces = []
+
+        def counted(key, hparams, inputs):
+            traces.append(1)
+            return train(key, hparams, inputs)
+
+        keys = jnp.stack([jax.random.PRNGKey(seed) for seed in (0, 1, 0)])
+        return jax.jit(jax.vmap(counted, in_axes=(0, None, None))), keys, traces
+
+    return make

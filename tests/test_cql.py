@@ -153,21 +153,13 @@ def bandit(n=3000, seed=0):
     return make_transitions(obs, action, reward, np.zeros_like(obs), np.ones(n, bool)), mean
 
 
-def test_bandit_learns_mean_rewards_and_penalty_pushes_unseen_action_down_seeds_and_no_retrace():
+def test_bandit_learns_mean_rewards_and_penalty_pushes_unseen_action_down_seeds_and_no_retrace(counted_seed_sweep):
     """One compiled program (seeds 0, 1, 0 side by side) for both alphas: new hyperparameter values do not
     retrace; every seed learns the mean rewards without the penalty and pushes the unseen action down with
     it; seeds differ, the same seed repeats exactly."""
     data, _ = bandit()
     args = small_args()
-    traces = []
-    train = cql.make_train(args, 2, 4)
-
-    def counted(key, hp, inputs):
-        traces.append(1)
-        return train(key, hp, inputs)
-
-    sweep = jax.jit(jax.vmap(counted, in_axes=(0, None, None)))
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 0)])
+    sweep, keys, traces = counted_seed_sweep(cql.make_train(args, 2, 4))
     params0, metrics0, _ = sweep(keys, hparams(alpha=0.0), (data, None))
     params1, _, _ = sweep(keys, hparams(alpha=1.0), (data, None))  # new hyperparameter values: no new trace
     assert len(traces) == 1

@@ -63,20 +63,12 @@ def offline_args(**kw):
     return dataclasses.replace(dqn.Args(), **{**base, **kw})
 
 
-def test_offline_chain_probe_seeds_and_no_retrace():
+def test_offline_chain_probe_seeds_and_no_retrace(counted_seed_sweep):
     """Double + dueling DQN offline on the two-state chain reaches the known values; seeds differ, the
     same seed repeats exactly, and new hyperparameter values do not retrace."""
     data = chain()
     args = offline_args(dueling=True)
-    traces = []
-    train = dqn.make_train(args, 3, 2)
-
-    def counted(key, hp, inputs):
-        traces.append(1)
-        return train(key, hp, inputs)
-
-    sweep = jax.jit(jax.vmap(counted, in_axes=(0, None, None)))
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 0)])
+    sweep, keys, traces = counted_seed_sweep(dqn.make_train(args, 3, 2))
     hp = {"learning_rate": jnp.float32(1e-3), "gamma": jnp.float32(1.0)}
     params, metrics, _ = sweep(keys, hp, (data, None))
     _, metrics_again, _ = sweep(keys, {**hp, "gamma": jnp.float32(0.5)}, (data, None))
