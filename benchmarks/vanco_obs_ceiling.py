@@ -23,6 +23,13 @@ policies, so the ceiling and the learners' values compare patient for patient.
 Whatever it finds is achievable from the observation, so its value is a lower bound on the observation-only
 optimum; the oracle (which reads the hidden PK parameters) is not.
 
+`--within-clinician-sd K` asks how much of the gap offline data of the clinician-like policy can support: the
+policy may only scale the clinician's rule dose by a factor within K of the clinician's own log-sd (0.2) of it,
+dose = rule(obs) x exp(0.2 K tanh(net)), i.e. stay where the logged doses are (K = 2: 95% of the clinician's
+doses at each observation lie within it). An offline learner that extracts its policy from logged actions, as
+IQL's advantage-weighted regression does, has no data outside such a band, so this ceiling bounds what it can
+reach from this data however many episodes it has.
+
 `--history-lags K` lets the policy also read the episode's K previous steps (their observation features and
 log dose, zero-padded at the start with a 'present' flag): the same search for a policy of the whole observed
 history, on the same patients (the rollout uses the simulator's keys exactly as `V.rollout` does).
@@ -62,7 +69,13 @@ def observation_features(obs: jax.Array, obs_mean: jax.Array, obs_std: jax.Array
     return jnp.concatenate([(obs - obs_mean) / obs_std, logs - 5.0])
 
 
-def squashed_dose(net_output: jax.Array) -> jax.Array:
+def squashed_dose(net_output: jax.Array, obs: jax.Array, within_clinician_sd: float) -> jax.Array:
+    """The dose (mg): anywhere in [10, DOSE_MAX_MG] mg, or with `within_clinician_sd` K > 0 the clinician's rule
+    dose scaled within exp(+-K x the clinician's log-sd)."""
+    if within_clinician_sd > 0:
+        rule = jnp.log(jnp.clip(V.clinician_rule_dose(obs), 1.0, V.DOSE_MAX_MG))
+        spread = within_clinician_sd * V.CLINICIAN_LOG_SD
+        return jnp.minimum(jnp.exp(rule + spread * jnp.tanh(net_output[0])), V.DOSE_MAX_MG)
     low, high = LOG_DOSE_RANGE
     return jnp.exp(low + (high - low) * jax.nn.sigmoid(net_output[0]))
 
@@ -73,12 +86,13 @@ class ObsPolicy(eqx.Module):
     net: MLP
     obs_mean: jax.Array
     obs_std: jax.Array
+    within_clinician_sd: float = eqx.field(static=True, default=0.0)
 
     def features(self, obs: jax.Array) -> jax.Array:
         return observation_features(obs, self.obs_mean, self.obs_std)
 
     def __call__(self, obs: jax.Array) -> jax.Array:
-        return squashed_dose(self.net(self.features(obs)))
+        return squashed_dose(self.net(self.features(obs)), obs, self.within_clinician_sd)
 
 
 class HistoryPolicy(eqx.Module):
@@ -88,12 +102,14 @@ class HistoryPolicy(eqx.Module):
     obs_mean: jax.Array
     obs_std: jax.Array
     lags: int = eqx.field(static=True)
+    within_clinician_sd: float = eqx.field(static=True, default=0.0)
 
     def features(self, obs: jax.Array) -> jax.Array:
         return observation_features(obs, self.obs_mean, self.obs_std)
 
     def __call__(self, obs: jax.Array, history: jax.Array) -> jax.Array:
-        return squashed_dose(self.net(jnp.concatenate([self.features(obs), history.reshape(-1)])))
+        net_output = self.net(jnp.concatenate([self.features(obs), history.reshape(-1)]))
+        return squashed_dose(net_output, obs, self.within_clinician_sd)
 
     def history_row(self, obs: jax.Array, dose: jax.Array) -> jax.Array:
         log_dose = jnp.log(jnp.maximum(dose, 1.0))[None] - 7.0  # log(1,100 mg) ~ 7: centred like the logs above
@@ -108,18 +124,21 @@ def observation_stats(sim: V.VancoParams, n_patients: int = 5_000) -> tuple[jax.
 
 
 def init_policy(key: jax.Array, hidden: tuple[int, ...], obs_mean: jax.Array, obs_std: jax.Array,
-                start_dose_mg: float = 1000.0, history_lags: int = 0) -> ObsPolicy | HistoryPolicy:
-    """A network whose every dose starts near `start_dose_mg` (small last layer, bias at that dose); with
-    `history_lags` > 0 a HistoryPolicy reading that many previous steps."""
+                start_dose_mg: float = 1000.0, history_lags: int = 0,
+                within_clinician_sd: float = 0.0) -> ObsPolicy | HistoryPolicy:
+    """A network whose every dose starts near `start_dose_mg` (small last layer, bias at that dose), or with
+    `within_clinician_sd` > 0 at the clinician's rule dose; with `history_lags` > 0 a HistoryPolicy reading
+    that many previous steps."""
     net = MLP(N_FEATURES + history_lags * HISTORY_ROW, 1, hidden, key)
     low, high = LOG_DOSE_RANGE
     frac = (np.log(start_dose_mg) - low) / (high - low)
+    start_bias = 0.0 if within_clinician_sd > 0 else float(np.log(frac / (1 - frac)))
     last = net.layers[-1]
     net = eqx.tree_at(lambda n: (n.layers[-1].weight, n.layers[-1].bias), net,
-                      (last.weight * 0.01, jnp.full_like(last.bias, float(np.log(frac / (1 - frac))))))
+                      (last.weight * 0.01, jnp.full_like(last.bias, start_bias)))
     if history_lags:
-        return HistoryPolicy(net, obs_mean, obs_std, history_lags)
-    return ObsPolicy(net, obs_mean, obs_std)
+        return HistoryPolicy(net, obs_mean, obs_std, history_lags, within_clinician_sd)
+    return ObsPolicy(net, obs_mean, obs_std, within_clinician_sd)
 
 
 def as_policy(model: ObsPolicy) -> V.Policy:
@@ -210,11 +229,27 @@ def value_of(model: ObsPolicy | HistoryPolicy, sim: V.VancoParams, key: jax.Arra
     return float(returns.mean()), float(returns.std(ddof=1) / np.sqrt(returns.size))
 
 
+def dose_vs_rule(records: dict[str, jax.Array]) -> dict[str, Any]:
+    """How far the policy's doses are from the clinician's rule at the same observations, in units of the
+    clinician's log-sd (0.2): where the logged doses are (|z| <= 2 holds 95% of them) or not."""
+    rule = jnp.clip(jax.vmap(V.clinician_rule_dose)(records["obs"].reshape(-1, V.OBS_DIM)), 1.0, V.DOSE_MAX_MG)
+    dose = jnp.maximum(records["dose"].reshape(-1), 1e-6)
+    z = np.asarray(jnp.log(dose / rule) / V.CLINICIAN_LOG_SD, np.float64)
+    return {
+        "z_quantiles_5_25_50_75_95": [float(q) for q in np.quantile(z, [0.05, 0.25, 0.5, 0.75, 0.95])],
+        "share_within_2_sd": float(np.mean(np.abs(z) <= 2.0)),
+        "share_within_3_sd": float(np.mean(np.abs(z) <= 3.0)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
     parser.add_argument("--history-lags", type=int, default=0,
                         help="the policy also reads this many previous (observation, dose) steps (7: all)")
+    parser.add_argument("--within-clinician-sd", type=float, default=0.0,
+                        help="only scale the clinician's rule dose within exp(+-K x its log-sd 0.2): the ceiling of "
+                             "a learner that stays where the logged doses are (0: any dose)")
     parser.add_argument("--steps", type=int, default=2_000)
     parser.add_argument("--batch-patients", type=int, default=2_048)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
@@ -224,13 +259,15 @@ def main() -> None:
                         help="key of the final patients (default: iql_continuous.py's final patients)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args()
-    if args.steps < 1 or args.batch_patients < 2 or args.final_patients < 2 or args.history_lags < 0:
+    if (args.steps < 1 or args.batch_patients < 2 or args.final_patients < 2 or args.history_lags < 0
+            or not args.within_clinician_sd >= 0):
         parser.error("--steps must be at least 1, --batch-patients and --final-patients at least 2, "
-                     "--history-lags at least 0")
+                     "--history-lags and --within-clinician-sd at least 0")
     sim = V.VancoParams()
     start = time.perf_counter()
     key_init, key_search = jax.random.split(jax.random.PRNGKey(args.seed))
-    model = init_policy(key_init, tuple(args.hidden), *observation_stats(sim), history_lags=args.history_lags)
+    model = init_policy(key_init, tuple(args.hidden), *observation_stats(sim), history_lags=args.history_lags,
+                        within_clinician_sd=args.within_clinician_sd)
     params, static = eqx.partition(model, eqx.is_array)
     search = jax.jit(make_search(sim, static, args.batch_patients, args.steps, args.learning_rate))
     params, curve = search(key_search, params)
@@ -244,6 +281,8 @@ def main() -> None:
         "search_seconds": search_seconds,
     }
     ceiling_name = "history_ceiling" if args.history_lags else "obs_ceiling"
+    if args.within_clinician_sd > 0:
+        ceiling_name += "_within_clinician_support"
     values = {ceiling_name: value_of(model, sim, final_key, args.final_patients)}
     for name, policy in (("clinician", V.clinician_policy), ("oracle", V.oracle_policy)):
         values[name] = V.policy_value(final_key, sim, policy, args.final_patients)
@@ -252,6 +291,7 @@ def main() -> None:
     n_summary = min(args.final_patients, 25_000)
     records = jax.jit(lambda key, p: rollout_of(key, sim, eqx.combine(p, static), n_summary))(final_key, params)
     result[f"{ceiling_name}_outcomes"] = V.summarize_rollout(records)
+    result["dose_vs_clinician_rule"] = dose_vs_rule(records)
     clinician, oracle, ceiling = (result[k]["value"] for k in ("clinician", "oracle", ceiling_name))
     result["share_of_clinician_oracle_gap"] = (ceiling - clinician) / (oracle - clinician)
     result["half_gap_value"] = clinician + 0.5 * (oracle - clinician)

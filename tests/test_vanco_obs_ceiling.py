@@ -162,3 +162,34 @@ def test_history_holds_the_previous_steps_newest_first():
     flagged = np.asarray(history_rollout_program()(key, history_twin(3, flag_lag=2, flag_weight=5.0))["dose"])
     np.testing.assert_array_equal(flagged[:, :3], plain[:, :3])
     assert np.all(np.abs(flagged[:, 3] - plain[:, 3]) > 1e-3 * plain[:, 3])
+
+
+def clinician_observations() -> jax.Array:
+    return V.rollout_jit(jax.random.PRNGKey(1), SIM, V.clinician_policy, N_STATS)["obs"].reshape(-1, V.OBS_DIM)
+
+
+def test_policy_within_the_clinicians_support_stays_in_its_band_around_the_rule():
+    """--within-clinician-sd K: whatever the weights, the dose is the clinician's rule dose scaled within
+    exp(+-K x 0.2); at the start it is the rule itself, and large weights reach both edges of the band."""
+    model = small_model()
+    supported = B.init_policy(jax.random.PRNGKey(0), (8,), model.obs_mean, model.obs_std, within_clinician_sd=2.0)
+    obs = clinician_observations()
+    rule = np.clip(np.asarray(jax.vmap(V.clinician_rule_dose)(obs)), 1.0, V.DOSE_MAX_MG)
+    doses = jax.jit(jax.vmap(lambda m, o: m(o), in_axes=(None, 0)))
+    z_start = np.log(np.asarray(doses(supported, obs)) / rule) / V.CLINICIAN_LOG_SD
+    assert np.all(np.abs(z_start) < 0.05)
+    loud = eqx.tree_at(lambda m: m.net.layers[-1].weight, supported, supported.net.layers[-1].weight * 1e4)
+    z_loud = np.log(np.asarray(doses(loud, obs)) / rule) / V.CLINICIAN_LOG_SD
+    capped = rule * np.exp(2.0 * V.CLINICIAN_LOG_SD) > V.DOSE_MAX_MG  # the band's top is above the largest dose
+    assert np.all(z_loud[~capped] <= 2.0 + 1e-4) and np.all(z_loud >= -2.0 - 1e-4)
+    assert z_loud.max() > 1.9 and z_loud.min() < -1.9
+
+
+def test_dose_vs_rule_puts_the_clinicians_own_doses_where_its_noise_does():
+    """The clinician's doses are log-normal around its rule with log-sd 0.2, so about 95.4% of them are within
+    2 of its sds (99.7% within 3): dose_vs_rule must measure in those units."""
+    records = V.rollout_jit(jax.random.PRNGKey(1), SIM, V.clinician_policy, N_STATS)
+    spread = B.dose_vs_rule(records)
+    assert abs(spread["share_within_2_sd"] - 0.9545) < 0.02, spread
+    assert spread["share_within_3_sd"] > 0.99
+    assert abs(spread["z_quantiles_5_25_50_75_95"][2]) < 0.15
