@@ -19,6 +19,7 @@ policies, so the ceiling and the learners' values compare patient for patient.
 
     python benchmarks/vanco_obs_ceiling.py                      # defaults: 2,000 steps x 2,048 patients
     python benchmarks/vanco_obs_ceiling.py --steps 200 --final-patients 20000 --out /tmp/ceiling.json
+    python benchmarks/vanco_obs_ceiling.py --within-clinician-sd 2 --checkpoints runs/iql/checkpoints/s0_seed0
 
 Whatever it finds is achievable from the observation, so its value is a lower bound on the observation-only
 optimum; the oracle (which reads the hidden PK parameters) is not.
@@ -242,6 +243,24 @@ def dose_vs_rule(records: dict[str, jax.Array]) -> dict[str, Any]:
     }
 
 
+def checkpoint_policies(paths: list[str]) -> list[tuple[str, V.Policy]]:
+    """Checkpoints through `cleansepsis.policy.load_policy`, acting by their mean dose as the learners'
+    evaluation does."""
+    from cleansepsis.evaluate_continuous import continuous_target_of
+    from cleansepsis.policy import load_policy
+
+    out = []
+    for path in paths:
+        target = continuous_target_of(load_policy(path), name=str(path))
+
+        def policy(key, obs, state, params, target=target):
+            del key, state, params
+            return jnp.clip(target.mean_dose(obs[None])[0], 0.0, V.DOSE_MAX_MG), jnp.zeros((), jnp.float32)
+
+        out.append((str(path), policy))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
@@ -257,6 +276,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the network's initialisation and the search")
     parser.add_argument("--final-key-seed", type=int, default=LEARNER_PATIENTS_KEY_SEED,
                         help="key of the final patients (default: iql_continuous.py's final patients)")
+    parser.add_argument("--checkpoints", nargs="*", default=[],
+                        help="continuous-policy checkpoint folders (iql_continuous.py, its BC) to report beside the "
+                             "ceiling on the same patients: value and how far their doses are from the clinician's rule")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args()
     if (args.steps < 1 or args.batch_patients < 2 or args.final_patients < 2 or args.history_lags < 0
@@ -292,6 +314,11 @@ def main() -> None:
     records = jax.jit(lambda key, p: rollout_of(key, sim, eqx.combine(p, static), n_summary))(final_key, params)
     result[f"{ceiling_name}_outcomes"] = V.summarize_rollout(records)
     result["dose_vs_clinician_rule"] = dose_vs_rule(records)
+    for path, policy in checkpoint_policies(args.checkpoints):
+        mean, stderr = V.policy_value(final_key, sim, policy, args.final_patients)
+        records = V.rollout_jit(final_key, sim, policy, n_summary)
+        result[f"checkpoint {path}"] = {"value": mean, "stderr": stderr, "ci95": [mean - 1.96 * stderr, mean + 1.96 * stderr],
+                                        "dose_vs_clinician_rule": dose_vs_rule(records)}
     clinician, oracle, ceiling = (result[k]["value"] for k in ("clinician", "oracle", ceiling_name))
     result["share_of_clinician_oracle_gap"] = (ceiling - clinician) / (oracle - clinician)
     result["half_gap_value"] = clinician + 0.5 * (oracle - clinician)
