@@ -15,8 +15,8 @@ SIMULATOR_SOURCE = "vancomycin-sim"
 MIMIC_SOURCE = "mimic-iv"
 
 NOTICE = (
-    "**For research only; not for treating patients.** This policy was learned from retrospective data "
-    "and has not been validated prospectively. It must not be used to make or support treatment decisions."
+    "**For research only; not for treating patients.** This policy was learned offline from logged "
+    "episodes (retrospective ICU records or a simulator's) and has not been validated prospectively. It must not be used to make or support treatment decisions."
 )
 
 
