@@ -31,7 +31,7 @@ SOURCE = "icu-sepsis"
 BEHAVIOR_POLICY = "clinician (icu-sepsis expert_policy) restricted to admissible actions and renormalised"
 
 
-def _check_fractions(val_frac: float, test_frac: float) -> None:
+def check_split_fractions(val_frac: float, test_frac: float) -> None:
     """Any fractions in [0, 1] summing to at most 1: a replay may be all held-out episodes (e.g. a fresh
     test set for evaluation, `--test-frac 1`)."""
     for name, value in (("val_frac", val_frac), ("test_frac", test_frac)):
@@ -55,7 +55,7 @@ def clinician_policy_numpy() -> np.ndarray:
 def episode_splits(n_episodes: int, seed: int, val_frac: float, test_frac: float) -> np.ndarray:
     """Split name per episode (n_episodes,), fixed by the seed: a random `test_frac` of the episodes is
     "test", a random `val_frac` is "val", the rest "train"."""
-    _check_fractions(val_frac, test_frac)
+    check_split_fractions(val_frac, test_frac)
     n_test = round(test_frac * n_episodes)
     n_val = min(round(val_frac * n_episodes), n_episodes - n_test)  # 0.5 + 0.5 of an odd count: no overflow
     order = np.random.default_rng(seed).permutation(n_episodes)
@@ -81,7 +81,7 @@ def make_clinician_replay(
     """
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}")
-    _check_fractions(val_frac, test_frac)
+    check_split_fractions(val_frac, test_frac)
     params = E.load_params(strategy)
     raw = E.shipped_arrays()
     policy = clinician_policy_numpy()

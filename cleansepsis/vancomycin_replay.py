@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from cleansepsis import vancomycin as V
-from cleansepsis.icu_replay import _check_fractions, cache_dir, episode_splits
+from cleansepsis.icu_replay import cache_dir, check_split_fractions, episode_splits
 from cleansepsis.io import OutputExistsError
 from cleansepsis.replay import SCHEMA_VERSION, ReplayError, read_metadata, write_replay
 
@@ -88,7 +88,7 @@ def rollout_clinician(episodes: int, seed: int, params: V.VancoParams) -> dict[s
 def make_vancomycin_replay(args: VancomycinSimArgs) -> tuple[pl.DataFrame, dict[str, Any]]:
     if args.episodes < 1:
         raise ValueError(f"--episodes must be at least 1, got {args.episodes}")
-    _check_fractions(args.val_frac, args.test_frac)  # before the rollout: bad fractions cost no simulation
+    check_split_fractions(args.val_frac, args.test_frac)  # before the rollout: bad fractions cost no simulation
     params = V.VancoParams()
     records = rollout_clinician(args.episodes, args.seed, params)
     n, steps = args.episodes, V.N_DECISIONS
