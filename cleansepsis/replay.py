@@ -153,8 +153,9 @@ class Replay:
 
 
 def take_rows(data: Transitions, rows: np.ndarray) -> Transitions:
-    rows = jnp.asarray(rows)
-    return jax.tree.map(lambda x: x[rows], data)
+    # on the host: an eager device gather compiled one small program per field and row count
+    rows = np.asarray(rows)
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x)[rows]), data)
 
 
 def action_space_of(meta: dict[str, Any]) -> dict[str, Any]:
