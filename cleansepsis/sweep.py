@@ -383,14 +383,16 @@ def run_sweep(
 
 
 def _plain(x: Any) -> bool:
-    """A device array whose values numpy holds exactly: not a PRNG key, not weakly typed."""
-    return isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) and not x.weak_type
+    """An array on one device whose values numpy holds exactly: not a PRNG key, not weakly typed (an array
+    spread over several devices keeps the eager op, whose result stays spread over them)."""
+    return (isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) and not x.weak_type
+            and len(x.devices()) == 1)  # fmt: skip
 
 
 def on_host(x: Any, take: Callable[[Any], Any]) -> Any:
     """`take` (a slice, reshape or index: a copy of some values) of a device array done by numpy, back on the
     device: the same values as the eager device op, which compiled a small program per shape. Other
-    leaves (numpy, PRNG keys, weakly typed arrays) as `take` gives them."""
+    leaves (numpy, PRNG keys, weakly typed or multi-device arrays) as `take` gives them."""
     if _plain(x):
         return jax.device_put(take(np.asarray(x)))
     return take(x)
