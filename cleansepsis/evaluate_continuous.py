@@ -131,7 +131,9 @@ def simulated_value(target_dose, V: Any, params: Any, n_patients: int, seed: int
             del key, state, sim_params
             return target_dose(obs[None])[0], jnp.zeros((), jnp.float32)
 
-    value, stderr = V.policy_value(jax.random.key(seed), params, policy, n_patients)
+    # a raw uint32 key (the same stream as jax.random.key(seed)), as the replay builder passes: the clinicians'
+    # simulation then shares the replay rollout's compiled program when the patient counts agree
+    value, stderr = V.policy_value(jax.random.PRNGKey(seed), params, policy, n_patients)
     return {"value": value, "stderr": stderr, "n_patients": n_patients, "seed": seed,
             "what": "Monte Carlo mean undiscounted return in the simulator the replay was drawn from"}  # fmt: skip
 

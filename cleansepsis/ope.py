@@ -354,8 +354,18 @@ def _bootstrap_is(inputs: ISInputs, counts: jnp.ndarray) -> dict[str, jnp.ndarra
     return out
 
 
+# quantiles already computed, by the probabilities' shape and values: the few levels used are computed
+# once per process (each eager call compiled about 20 small programs again after every jax.clear_caches()).
+# The key holds the shape, so every result is the one a call of that shape computes.
+_NORMAL_QUANTILES: dict[tuple[tuple[int, ...], bytes], np.ndarray] = {}
+
+
 def _normal_quantile(p: float | np.ndarray) -> np.ndarray:
-    return np.asarray(jax.scipy.stats.norm.ppf(jnp.asarray(p, jnp.float32)), np.float64)
+    p32 = np.asarray(p, np.float32)
+    key = (p32.shape, p32.tobytes())
+    if key not in _NORMAL_QUANTILES:
+        _NORMAL_QUANTILES[key] = np.asarray(jax.scipy.stats.norm.ppf(jnp.asarray(p, jnp.float32)), np.float64)
+    return _NORMAL_QUANTILES[key].copy()
 
 
 def normal_interval(estimate: float, se: float, level: float = 0.95) -> tuple[float, float]:

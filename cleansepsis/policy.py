@@ -235,7 +235,8 @@ def load_policy(
     give the inputs the policy will see; they are checked against the checkpoint, and a mismatch
     raises PolicyError saying what differs."""
     tensors, config = load_checkpoint(path)
-    policy = Policy(Path(path), {k: jnp.asarray(v) for k, v in tensors.items()}, config)
+    # device_put, not jnp.asarray: the latter compiles an identity program per tensor shape
+    policy = Policy(Path(path), {k: jax.device_put(v) for k, v in tensors.items()}, config)
     source = "the given inputs"
     if replay is not None:
         meta = replay if isinstance(replay, dict) else replay.meta

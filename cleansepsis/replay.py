@@ -153,8 +153,9 @@ class Replay:
 
 
 def take_rows(data: Transitions, rows: np.ndarray) -> Transitions:
-    rows = jnp.asarray(rows)
-    return jax.tree.map(lambda x: x[rows], data)
+    # on the host: an eager device gather compiled one small program per field and row count
+    rows = np.asarray(rows)
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x)[rows]), data)
 
 
 def action_space_of(meta: dict[str, Any]) -> dict[str, Any]:
@@ -655,13 +656,13 @@ def frame_to_replay(frame: pl.DataFrame, meta: dict[str, Any], path: Path) -> Re
         truncated=jnp.asarray(frame.get_column("truncated").to_numpy(), bool),
         episode_id=jnp.asarray(episode_index, jnp.int32),
         t=jnp.asarray(frame.get_column("t").to_numpy(), jnp.int32),
-        split=jnp.asarray(split_codes),
-        state_index=jnp.asarray(column("state_index", -1, np.int32)),
-        next_state_index=jnp.asarray(column("next_state_index", -1, np.int32)),
-        behavior_prob=jnp.asarray(column("behavior_prob", np.nan, np.float32)),
-        action_mask=jnp.asarray(mask("action_mask")),
-        next_action_mask=jnp.asarray(mask("next_action_mask")),
-        behavior_log_density=jnp.asarray(column("behavior_log_density", np.nan, np.float32)),
+        split=jax.device_put(split_codes),
+        state_index=jax.device_put(column("state_index", -1, np.int32)),
+        next_state_index=jax.device_put(column("next_state_index", -1, np.int32)),
+        behavior_prob=jax.device_put(column("behavior_prob", np.nan, np.float32)),
+        action_mask=jax.device_put(mask("action_mask")),
+        next_action_mask=jax.device_put(mask("next_action_mask")),
+        behavior_log_density=jax.device_put(column("behavior_log_density", np.nan, np.float32)),
     )
     known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
     extras = {c: frame.get_column(c).to_numpy() for c in frame.columns if c not in known}
@@ -744,13 +745,13 @@ def distinct_transitions(data: Transitions) -> DistinctTransitions:
     pair_weight = np.zeros((row_first.size, mask.shape[1]))
     np.add.at(pair_weight, (row_inverse[:n][first], action[first]), weight)
     return DistinctTransitions(
-        obs_table=jnp.asarray(obs[row_first]),
-        mask_table=jnp.asarray(mask[row_first]),
+        obs_table=jax.device_put(obs[row_first]),
+        mask_table=jax.device_put(mask[row_first]),
         obs_index=jnp.asarray(row_inverse[:n][first], jnp.int32),
         next_obs_index=jnp.asarray(row_inverse[n:][first], jnp.int32),
-        action=jnp.asarray(action[first]),
-        reward=jnp.asarray(reward[first]),
-        terminated=jnp.asarray(terminated[first]),
+        action=jax.device_put(action[first]),
+        reward=jax.device_put(reward[first]),
+        terminated=jax.device_put(terminated[first]),
         weight=jnp.asarray(weight, jnp.float32),
         pair_weight=jnp.asarray(pair_weight, jnp.float32),
     )

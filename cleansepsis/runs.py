@@ -413,7 +413,7 @@ def seed_keys(seeds: Sequence[int]) -> jax.Array:
 
 def index_run(tree: Any, setting: int, seed_index: int) -> Any:
     """One (setting, seed) slice of a pytree returned by run_sweep."""
-    return jax.tree.map(lambda x: x[setting, seed_index] if hasattr(x, "shape") else x, tree)
+    return jax.tree.map(lambda x: sweep.on_host(x, lambda a: a[setting, seed_index]) if hasattr(x, "shape") else x, tree)
 
 
 def scan_evaluations(
@@ -449,7 +449,7 @@ def policy_at(final: Any, saved: Any, setting: int, seed_index: int, save_index:
     """One policy returned by run_sweep: the final one (save_index None) or the save_index-th saved one."""
     if save_index is None:
         return index_run(final, setting, seed_index)
-    return jax.tree.map(lambda x: x[setting, seed_index, save_index], saved)
+    return jax.tree.map(lambda x: sweep.on_host(x, lambda a: a[setting, seed_index, save_index]), saved)
 
 
 # --------------------------------------------------------------------------------------------------

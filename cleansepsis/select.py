@@ -352,9 +352,10 @@ def score_tabular(
         q_logged = np.moveaxis(layout.pad(q_tables[part][:, state, actions].T.astype(np.float32)), -1, 0)
         v_state = np.moveaxis(layout.pad(v_tables[part][:, state].T.astype(np.float32)), -1, 0)
         tail = (gamma ** layout.lengths)[None] * np.where(truncated[None], v_tables[part][:, tail_states], 0.0)
+        # float32 numpy arrays go in as they are (jnp.asarray would compile an identity program per shape)
         w, d = batched_wis_wdr(
-            jnp.asarray(cumulative_weights(rho, clip), jnp.float32), jnp.asarray(reward), jnp.asarray(q_logged),
-            jnp.asarray(v_state), jnp.asarray(tail, jnp.float32), jnp.asarray(discounts, jnp.float32), all_counts,
+            jnp.asarray(cumulative_weights(rho, clip), jnp.float32), reward, q_logged, v_state,
+            jnp.asarray(tail, jnp.float32), jnp.asarray(discounts, jnp.float32), all_counts,
         )  # fmt: skip
         wis_all.append(np.asarray(w))
         wdr_all.append(np.asarray(d))

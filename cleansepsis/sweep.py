@@ -377,8 +377,32 @@ def run_sweep(
         from jax.experimental import multihost_utils
 
         out = multihost_utils.process_allgather(out, tiled=True)  # numpy, the whole result on every process
-    out = jax.tree.map(lambda x: jnp.asarray(x[:n_runs].reshape(n_settings, n_seeds, *x.shape[1:])), out)
+    out = jax.tree.map(lambda x: jnp.asarray(on_host(x, lambda a: a[:n_runs].reshape(n_settings, n_seeds, *a.shape[1:]))),
+                       out)  # fmt: skip
     return out, {"compile_seconds": compile_seconds, **timing}
+
+
+def _plain(x: Any) -> bool:
+    """An array on one device whose values numpy holds exactly: not a PRNG key, not weakly typed (an array
+    spread over several devices keeps the eager op, whose result stays spread over them)."""
+    return (isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) and not x.weak_type
+            and len(x.devices()) == 1)  # fmt: skip
+
+
+def on_host(x: Any, take: Callable[[Any], Any]) -> Any:
+    """`take` (a slice, reshape or index: a copy of some values) of a device array done by numpy, back on the
+    device: the same values as the eager device op, which compiled a small program per shape. Other
+    leaves (numpy, PRNG keys, weakly typed or multi-device arrays) as `take` gives them."""
+    if _plain(x):
+        return jax.device_put(take(np.asarray(x)))
+    return take(x)
+
+
+def _join_on_host(join: Callable[..., Any], parts: tuple[Any, ...]) -> Any:
+    """jnp.concatenate / jnp.stack of chunks along axis 1, by numpy when every part is a plain device array."""
+    if all(_plain(p) for p in parts) and len({p.dtype for p in parts}) == 1:
+        return jax.device_put(join([np.asarray(p) for p in parts], axis=1))
+    return {np.concatenate: jnp.concatenate, np.stack: jnp.stack}[join](parts, axis=1)
 
 
 def progress_bar(total: int, desc: str | None, unit: str = "eval", enabled: bool = True):
@@ -429,8 +453,8 @@ def _run_chunks(
             jax.block_until_ready((carry, final, metrics_of_chunks))
         _show_progress(bar, metrics_of_chunks[-1], evals * n_runs, n_runs)
         timing = {"train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - cpu0}
-    metrics = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1), *metrics_of_chunks)
-    saved = jax.tree.map(lambda *parts: jnp.stack(parts, axis=1), *snapshots) if snapshots else None
+    metrics = jax.tree.map(lambda *parts: _join_on_host(np.concatenate, parts), *metrics_of_chunks)
+    saved = jax.tree.map(lambda *parts: _join_on_host(np.stack, parts), *snapshots) if snapshots else None
     return (final, metrics, saved), timing
 
 

@@ -23,9 +23,10 @@ from cleansepsis.replay import write_replay
 from cleansepsis.vancomycin_replay import VancomycinSimArgs, make_vancomycin_replay
 
 # a small explicit FQE fit (the default, the validated history fit, takes minutes per policy); the history
-# lags stay at their default (7); one sampled dose: every target shares one compiled FQE program
+# lags stay at their default (7); one sampled dose: every target shares one compiled FQE program; as many
+# simulated patients as the replay has episodes: the clinicians' simulation reuses the replay's rollout program
 FAST = ["--continuous-fqe-iterations", "2", "--continuous-fqe-steps", "20", "--continuous-fqe-hidden", "16",
-        "--continuous-fqe-refits", "2", "--n-boot", "20", "--action-samples", "1", "--sim-patients", "200"]
+        "--continuous-fqe-refits", "2", "--n-boot", "20", "--action-samples", "1", "--sim-patients", "120"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def test_continuous_replay_gets_fqe_simulated_values_and_no_is_for_a_determinist
     assert np.isfinite(rule["ope"]["estimators"]["fqe"]["estimate"])
     assert not np.isfinite(rule["ope"]["estimators"]["wis"]["estimate"])
     for p in report["policies"]:
-        assert p["simulated"]["n_patients"] == 200 and np.isfinite(p["simulated"]["value"])
+        assert p["simulated"]["n_patients"] == 120 and np.isfinite(p["simulated"]["value"])
         # 60 held-out episodes: the same small-data warning as the discrete path
         assert [w["code"] for w in p["ope"]["warnings"]][:1] == ["small-held-out-set"]
     assert rule["doses"]["within_20_percent"] > 0.5  # the rule is the clinicians' dose without the noise
