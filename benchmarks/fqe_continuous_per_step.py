@@ -65,7 +65,9 @@ class Args:
     """Target trajectories for the per-step comparison."""
     dose_curve: bool = True
     """Also compare Q with the truth at scaled doses (steps 0, 3, 6)."""
-    curve_patients: int = 16_000
+    curve_patients: int = 4_000
+    curve_repeats: int = 4
+    """The dose curve's patients: `curve_patients` keys, each folded with 0..curve_repeats-1."""
     factors: tuple[float, ...] = (0.7, 0.85, 1.0, 1.15, 1.3)
     out: Path | None = None
     """Also write the result as JSON here."""
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     k_boot, k_fqe, k_next, k_first, _ = (jax.random.fold_in(key, i) for i in range(5))
     obs, next_obs, action = np.asarray(data.obs), np.asarray(data.next_obs), np.asarray(data.action)
     layout = ope.episode_layout(data.episode_id, data.t)
-    counts = ope.bootstrap_counts(k_boot, layout.n_episodes, max(args.refits, 1))
+    # 200 resamples, as the bench's n_boot: the refits use the first rows of the same counts
+    counts = ope.bootstrap_counts(k_boot, layout.n_episodes, max(args.refits, 200))
     next_doses = oc.target_doses(target, next_obs, k_next, 4, acting)
     first_doses = oc.target_doses(target, obs[layout.first_rows], k_first, 4, acting)
     q_obs, q_next = oc.history_features(obs, action, next_obs, layout, config.history_lags)
@@ -171,8 +174,11 @@ def dose_curve(args: Args, params: V.VancoParams, sim_policy, mean_q, lags: int)
         return jax.lax.scan(body, (obs, state), xs)[1]
 
     run = jax.jit(jax.vmap(patient, in_axes=(0, None, None)))
-    keys = jax.random.split(jax.random.key(4242), args.curve_patients)
-    n, steps = args.curve_patients, V.N_DECISIONS
+    base = jax.random.split(jax.random.key(4242), args.curve_patients)
+    keys = jnp.concatenate(
+        [jax.vmap(lambda k, r=r: jax.random.fold_in(k, r))(base) for r in range(args.curve_repeats)]
+    )
+    n, steps = args.curve_patients * args.curve_repeats, V.N_DECISIONS
     layout = ope.episode_layout(np.repeat(np.arange(n), steps), np.tile(np.arange(steps), n))
     rows = []
     for deviation_step in (0, 3, 6):
