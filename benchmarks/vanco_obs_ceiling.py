@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -244,21 +246,15 @@ def dose_vs_rule(records: dict[str, jax.Array]) -> dict[str, Any]:
 
 
 def checkpoint_policies(paths: list[str]) -> list[tuple[str, V.Policy]]:
-    """Checkpoints through `cleansepsis.policy.load_policy`, acting by their mean dose as the learners'
-    evaluation does."""
-    from cleansepsis.evaluate_continuous import continuous_target_of
-    from cleansepsis.policy import load_policy
+    """Checkpoints as simulator policies acting by their mean dose, as the learners' evaluation does (the FQE
+    validation's adapter, `bench_fqe_continuous.checkpoint_targets`)."""
+    if not paths:
+        return []
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_fqe_continuous import checkpoint_targets
 
-    out = []
-    for path in paths:
-        target = continuous_target_of(load_policy(path), name=str(path))
-
-        def policy(key, obs, state, params, target=target):
-            del key, state, params
-            return jnp.clip(target.mean_dose(obs[None])[0], 0.0, V.DOSE_MAX_MG), jnp.zeros((), jnp.float32)
-
-        out.append((str(path), policy))
-    return out
+    targets = checkpoint_targets(tuple(Path(path) for path in paths))
+    return [(str(path), policy) for path, (_, _, policy) in zip(paths, targets, strict=True)]
 
 
 def main() -> None:
