@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,37 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     data, _ = B.logged_data(B.Args(episodes=args.episodes), args.seed, params)
     target, acting, sim_policy = B.checkpoint_targets((args.checkpoint,))[0]
 
-    # the fit as continuous_off_policy_evaluation makes it (the same keys as the bench's first target)
-    key = jax.random.key(args.seed * 1_000 + 2)
-    k_boot, k_fqe, k_next, k_first, _ = (jax.random.fold_in(key, i) for i in range(5))
-    obs, next_obs, action = np.asarray(data.obs), np.asarray(data.next_obs), np.asarray(data.action)
-    layout = ope.episode_layout(data.episode_id, data.t)
-    # 200 resamples, as the bench's n_boot: the refits use the first rows of the same counts
-    counts = ope.bootstrap_counts(k_boot, layout.n_episodes, max(args.refits, 200))
-    next_doses = oc.target_doses(target, next_obs, k_next, 4, acting)
-    first_doses = oc.target_doses(target, obs[layout.first_rows], k_first, 4, acting)
-    q_obs, q_next = oc.history_features(obs, action, next_obs, layout, config.history_lags)
-    scaling = oc.make_scaling(q_obs, q_next, action, 0.0, V.DOSE_MAX_MG, config.dose_encoding)
-    fqe_data = oc.make_continuous_fqe_data(
-        q_obs,
-        action,
-        np.asarray(data.reward, np.float32),
-        q_next,
-        np.asarray(data.terminated),
-        layout,
-        next_doses,
-        first_doses,
-        scaling,
-    )
-    keys = jnp.stack([k_fqe, *jax.random.split(jax.random.fold_in(k_fqe, 1), args.refits)])
-    fit_counts = jnp.concatenate([jnp.ones((1, layout.n_episodes), jnp.float32),
-                                  jnp.asarray(counts[: args.refits], jnp.float32)])  # fmt: skip
+    # the fit as continuous_off_policy_evaluation makes it (the same keys as the bench's first target; 200
+    # resamples, as the bench's n_boot: the refits use their first rows)
+    problem = oc.prepare_continuous_fqe(data, B.on_observation(target), low=0.0, high=V.DOSE_MAX_MG, acting=acting,
+                                        n_action_samples=4, n_boot=max(args.refits, 200),
+                                        key=jax.random.key(args.seed * 1_000 + 2), config=config)  # fmt: skip
     t0 = time.time()
-    values, stacked, _ = oc._continuous_fqe_fits(fqe_data, 1.0, keys, fit_counts, config, progress="FQE fits")
+    fit, networks = oc.continuous_fqe_estimate(problem.fqe_data, 1.0, problem.fqe_key, problem.counts, config,
+                                               n_refits=args.refits, progress="FQE fits")  # fmt: skip
+    values = [fit["estimate"], *fit["refit_estimates"]]
     fit_seconds = time.time() - t0
-    networks = [
-        jax.tree.map(lambda x, i=i: x[i] if eqx.is_array(x) else x, stacked) for i in range(len(keys))
-    ]
+    scaling = problem.scaling
 
     def mean_q(history: np.ndarray, doses: np.ndarray) -> np.ndarray:
         return np.mean([oc.q_values(n, scaling, history, doses[:, None])[:, 0] for n in networks], 0)
@@ -133,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     residual = q - records["reward"] - q_after
     result = {
         "args": {k: str(v) for k, v in vars(args).items()},
-        "fqe_values": np.asarray(values, np.float64).tolist(),
+        "fqe_values": values,
         "fit_seconds": fit_seconds,
         "target_mc_value": float(returns_to_go[:, 0].mean()),
         "target_mc_se": float(returns_to_go[:, 0].std(ddof=1) / np.sqrt(patients)),

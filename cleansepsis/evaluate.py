@@ -94,7 +94,8 @@ class Args:
     """Continuous replays: Adam steps (batch 512) per FQE iteration. The defaults are the fit validated on
     the simulator: about 3.5 min per policy on 10,000 episodes with 5 refits on a 2-core CPU."""
     continuous_fqe_refits: int = 5
-    """Continuous replays: FQE refits on episode resamples for the interval (0 or 1: one fit, no interval)."""
+    """Continuous replays: FQE refits on episode resamples for the interval (0: the estimate alone; 1: one refit
+    beside it, no interval)."""
     sim_patients: int = 100_000
     """Simulator replays (CleanSepsis/Vancomycin-v0): patients for each policy's Monte Carlo true value (0: none)."""
     model_cards: bool = True

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -477,25 +477,28 @@ def continuous_fqe_estimate(
     n_refits: int = 5,
     level: float = 0.95,
     progress: str | None = None,
-) -> tuple[dict[str, Any], DoseQNetwork]:
+) -> tuple[dict[str, Any], list[DoseQNetwork]]:
     """FQE's estimate and its interval from `n_refits` refits on the first rows of `counts` (episode
-    resamples). n_refits 0 or 1: no interval (NaN bounds), said in the result. The estimate (every episode
-    once) and the refits are fitted together, under one vmap. `progress`: a label for a progress bar on
-    stderr (None: none)."""
+    resamples), and every fit's network (the estimate's first, then the refits'). n_refits 0: the estimate
+    alone; 0 or 1: no interval (NaN bounds), said in the result. The estimate (every episode once) and the
+    refits are fitted together, under one vmap. `progress`: a label for a progress bar on stderr (None:
+    none)."""
     if n_refits < 0:
         raise OPEError(f"n_refits must be >= 0, got {n_refits}")
     n_refits = min(n_refits, int(counts.shape[0]))
-    with_refits = n_refits >= 2
-    keys = jnp.stack([key, *jax.random.split(jax.random.fold_in(key, 1), n_refits)]) if with_refits else key[None]
+    keys = jnp.stack([key, *jax.random.split(jax.random.fold_in(key, 1), n_refits)]) if n_refits else key[None]
     all_counts = jnp.ones((1, counts.shape[1]), jnp.float32)
-    if with_refits:
+    if n_refits:
         all_counts = jnp.concatenate([all_counts, jnp.asarray(counts[:n_refits], jnp.float32)])
-    values, networks, losses = _continuous_fqe_fits(fqe_data, float(gamma), keys, all_counts, config, progress)
+    values, stacked, losses = _continuous_fqe_fits(fqe_data, float(gamma), keys, all_counts, config, progress)
     values = np.asarray(values, np.float64)
-    network = jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, networks)
+    # sliced on the host: slicing on the device compiles a program per leaf shape
+    networks = [jax.tree.map(lambda x, i=i: jnp.asarray(np.asarray(x)[i]) if eqx.is_array(x) else x, stacked)
+                for i in range(len(values))]  # fmt: skip
     value = float(values[0])
     result: dict[str, Any] = {
         "estimate": value,
+        "refit_estimates": values[1:].tolist(),
         "features": f"MLP on (standardised obs{_history_text(config.history_lags)}, dose encoded "
         f"{config.dose_encoding!r}) ({config.hidden}x2, relu)",
         "q_inputs": q_inputs(config.history_lags),
@@ -507,7 +510,7 @@ def continuous_fqe_estimate(
         "final_loss": float(losses[0, -1]),
         "n_action_samples": int(fqe_data.next_doses.shape[1]),
     }
-    if with_refits:
+    if n_refits >= 2:
         spread = float(np.std(values[1:], ddof=1))
         z = float(jax.scipy.stats.norm.ppf((1 + level) / 2))
         result.update(
@@ -517,7 +520,7 @@ def continuous_fqe_estimate(
     else:
         result.update(ci_low=float("nan"), ci_high=float("nan"), boot_std=float("nan"), n_refits=n_refits,
                       interval="none (fewer than 2 refits)")  # fmt: skip
-    return result, network
+    return result, networks
 
 
 def q_values(network: DoseQNetwork, scaling: Scaling, obs: np.ndarray, doses: np.ndarray) -> np.ndarray:
@@ -562,6 +565,60 @@ def is_undefined_reason(
     return None
 
 
+class ContinuousFQEInputs(NamedTuple):
+    """Everything one target's FQE is fitted from, as `continuous_off_policy_evaluation` makes it."""
+
+    fqe_data: ContinuousFQEData
+    scaling: Scaling
+    layout: ope.EpisodeLayout
+    counts: np.ndarray  # (n_boot, E) episode resamples: the refits use the first rows, IS all of them
+    q_obs: np.ndarray  # Q's input at each logged state (obs, and the history when history_lags > 0), raw
+    q_next_obs: np.ndarray
+    next_doses: np.ndarray  # (N, K) the target's doses at each next state
+    first_doses: np.ndarray  # (E, K) the target's doses at each episode's first state
+    fqe_key: jax.Array  # the estimate's fit (its refits fold it)
+    state_key: jax.Array  # the target's doses at the logged states (IS's model terms)
+
+
+def prepare_continuous_fqe(
+    data: Any,
+    target: ContinuousTarget,
+    *,
+    low: float,
+    high: float,
+    acting: str = "mean",
+    n_action_samples: int = 4,
+    n_boot: int = 200,
+    key: jax.Array | None = None,
+    config: ContinuousFQEConfig = ContinuousFQEConfig(),
+) -> ContinuousFQEInputs:
+    """The FQE problem of `target` on logged transitions: episode layout and resamples, the target's doses,
+    Q's inputs and their scaling, all from one key (folded 0-4), so that a diagnostic refits exactly what
+    `continuous_off_policy_evaluation` fits."""
+    if acting not in ("mean", "sample"):
+        raise OPEError(f"acting must be 'mean' or 'sample'; got {acting!r}")
+    action = np.asarray(data.action)
+    if not np.issubdtype(action.dtype, np.floating):
+        raise OPEError(
+            f"the logged actions are {action.dtype} (discrete action indices); continuous OPE needs doses: "
+            "evaluate discrete policies with cleansepsis.ope.off_policy_evaluation"
+        )
+    key = jax.random.key(0) if key is None else key
+    k_boot, k_fqe, k_next, k_first, k_state = (jax.random.fold_in(key, i) for i in range(5))
+    obs, next_obs = np.asarray(data.obs), np.asarray(data.next_obs)
+    layout = ope.episode_layout(data.episode_id, data.t)
+    counts = ope.bootstrap_counts(k_boot, layout.n_episodes, n_boot)
+    # the target acts on the observation; Q may also see the history (history_features)
+    next_doses = target_doses(target, next_obs, k_next, n_action_samples, acting)
+    first_doses = target_doses(target, obs[layout.first_rows], k_first, n_action_samples, acting)
+    q_obs, q_next_obs = history_features(obs, action, next_obs, layout, config.history_lags)
+    scaling = make_scaling(q_obs, q_next_obs, action, low, high, config.dose_encoding)
+    fqe_data = make_continuous_fqe_data(q_obs, action, np.asarray(data.reward, np.float32), q_next_obs,
+                                        np.asarray(data.terminated), layout, next_doses, first_doses, scaling)  # fmt: skip
+    return ContinuousFQEInputs(fqe_data, scaling, layout, counts, q_obs, q_next_obs, next_doses, first_doses,
+                               k_fqe, k_state)  # fmt: skip
+
+
 def continuous_off_policy_evaluation(
     data: Any,
     target: ContinuousTarget,
@@ -587,39 +644,24 @@ def continuous_off_policy_evaluation(
     log_density and the logged `behavior_log_density`). Every estimator sees the same episode resamples.
     The result's `warnings` list the small-data problems (`ope.small_data_warnings`), `observed_return` is
     the logged policy's mean return per episode, `undefined` says why IS was not computed (or None)."""
-    if acting not in ("mean", "sample"):
-        raise OPEError(f"acting must be 'mean' or 'sample'; got {acting!r}")
-    action = np.asarray(data.action)
-    if not np.issubdtype(action.dtype, np.floating):
-        raise OPEError(
-            f"the logged actions are {action.dtype} (discrete action indices); continuous OPE needs doses: "
-            "evaluate discrete policies with cleansepsis.ope.off_policy_evaluation"
-        )
-    key = jax.random.key(0) if key is None else key
-    k_boot, k_fqe, k_next, k_first, k_state = (jax.random.fold_in(key, i) for i in range(5))
-    obs, next_obs = np.asarray(data.obs), np.asarray(data.next_obs)
+    fqe = prepare_continuous_fqe(data, target, low=low, high=high, acting=acting,
+                                 n_action_samples=n_action_samples, n_boot=n_boot, key=key, config=config)  # fmt: skip
+    layout, counts, scaling = fqe.layout, fqe.counts, fqe.scaling
+    obs, action = np.asarray(data.obs), np.asarray(data.action)
     reward = np.asarray(data.reward, np.float32)
-    layout = ope.episode_layout(data.episode_id, data.t)
-    counts = ope.bootstrap_counts(k_boot, layout.n_episodes, n_boot)
-    # the target acts on the observation; Q may also see the history (history_features)
-    next_doses = target_doses(target, next_obs, k_next, n_action_samples, acting)
-    first_doses = target_doses(target, obs[layout.first_rows], k_first, n_action_samples, acting)
-    q_obs, q_next_obs = history_features(obs, action, next_obs, layout, config.history_lags)
-    scaling = make_scaling(q_obs, q_next_obs, action, low, high, config.dose_encoding)
-    fqe_data = make_continuous_fqe_data(
-        q_obs, action, reward, q_next_obs, np.asarray(data.terminated), layout, next_doses, first_doses, scaling
-    )
-    fqe_result, network = continuous_fqe_estimate(fqe_data, gamma, k_fqe, counts, config, n_refits, progress=progress)
+    fqe_result, networks = continuous_fqe_estimate(fqe.fqe_data, gamma, fqe.fqe_key, counts, config, n_refits,
+                                                   progress=progress)  # fmt: skip
+    network = networks[0]  # the estimate's fit: the model of WDR
 
     undefined = is_undefined_reason(target, acting, behavior_log_density)
     if undefined is None:
-        state_doses = target_doses(target, obs, k_state, n_action_samples, acting)
+        state_doses = target_doses(target, obs, fqe.state_key, n_action_samples, acting)
         log_target = _batched_pairs(target.log_density, obs, action)
         log_rho = np.asarray(log_target, np.float64) - np.asarray(behavior_log_density, np.float64)
         rho = np.exp(np.minimum(log_rho, 60.0))  # a ratio above e^60 is as dominant as infinity, and finite
-        q_logged = q_values(network, scaling, q_obs, action[:, None])[:, 0]
-        v_state = q_values(network, scaling, q_obs, state_doses).mean(1)
-        v_next = q_values(network, scaling, q_next_obs, next_doses).mean(1)
+        q_logged = q_values(network, scaling, fqe.q_obs, action[:, None])[:, 0]
+        v_state = q_values(network, scaling, fqe.q_obs, state_doses).mean(1)
+        v_next = q_values(network, scaling, fqe.q_next_obs, fqe.next_doses).mean(1)
         inputs = ope.make_is_inputs(
             layout, reward, rho, np.ones_like(rho), gamma, clip, q_logged=q_logged, v_state=v_state,
             v_next=v_next, truncated=np.asarray(data.truncated),
@@ -643,12 +685,12 @@ def continuous_off_policy_evaluation(
         "undefined": undefined,
         "observed_return": float(returns.sum(1).mean()),
         "acting": acting,
-        "n_action_samples": int(next_doses.shape[1]),
+        "n_action_samples": int(fqe.next_doses.shape[1]),
         "clip": clip,
         "gamma": gamma,
         "n_boot": n_boot,
         "n_episodes": layout.n_episodes,
         "n_transitions": len(reward),
-        "target_doses": first_doses[:, 0],  # (E,) the target's dose at each s_0; not JSON
+        "target_doses": fqe.first_doses[:, 0],  # (E,) the target's dose at each s_0; not JSON
         "state_doses": _batched(target.mean_dose, obs),  # (N,) its mean dose at each logged state; not JSON
     }

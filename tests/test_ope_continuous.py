@@ -324,18 +324,22 @@ def test_the_estimate_and_its_refits_are_the_single_fits_with_the_same_keys():
     tiny = oc.ContinuousFQEConfig(hidden=8, n_iterations=2, steps_per_iteration=15, batch_size=32, history_lags=0)
     key = jax.random.key(11)
     counts = oc.ope.bootstrap_counts(jax.random.key(2), layout.n_episodes, 5)
-    result, network = oc.continuous_fqe_estimate(fqe_data, 1.0, key, counts, tiny, n_refits=3)
+    result, networks = oc.continuous_fqe_estimate(fqe_data, 1.0, key, counts, tiny, n_refits=3)
     # the single fit as one program (one lax.scan over the iterations): compiled once without counts (every
     # episode once), once for the three refits
     fit = eqx.filter_jit(oc.continuous_fqe)
     alone, alone_network, _ = fit(fqe_data, 1.0, key, tiny)
     assert result["estimate"] == pytest.approx(float(alone), abs=1e-5)
     refit_keys = jax.random.split(jax.random.fold_in(key, 1), 3)
-    refits = [float(fit(fqe_data, 1.0, k, tiny, jnp.asarray(c, jnp.float32))[0])
+    refits = [fit(fqe_data, 1.0, k, tiny, jnp.asarray(c, jnp.float32))
               for k, c in zip(refit_keys, counts[:3], strict=True)]  # fmt: skip
-    assert result["boot_std"] == pytest.approx(np.std(refits, ddof=1), rel=1e-3)
+    np.testing.assert_allclose(result["refit_estimates"], [float(r[0]) for r in refits], atol=1e-5)
+    assert result["boot_std"] == pytest.approx(np.std(result["refit_estimates"], ddof=1), rel=1e-6)
+    # every fit's network is returned, the estimate's first
     obs, doses = np.asarray(fqe_data.obs[:5]), np.asarray(fqe_data.dose[:5])
-    np.testing.assert_allclose(jax.vmap(network)(obs, doses),
-                               jax.vmap(alone_network)(obs, doses), atol=1e-5)  # fmt: skip
+    assert len(networks) == 4
+    for network, expected in zip(networks, [alone_network] + [r[1] for r in refits], strict=True):
+        np.testing.assert_allclose(jax.vmap(network)(obs, doses), jax.vmap(expected)(obs, doses), atol=1e-5)
     single, _ = oc.continuous_fqe_estimate(fqe_data, 1.0, key, counts, tiny, n_refits=1)
     assert single["estimate"] == pytest.approx(float(alone), abs=1e-5) and np.isnan(single["boot_std"])
+    assert single["refit_estimates"] == pytest.approx([float(refits[0][0])], abs=1e-5)  # one refit: no interval
