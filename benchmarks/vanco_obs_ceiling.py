@@ -153,31 +153,15 @@ def as_policy(model: ObsPolicy) -> V.Policy:
 
 
 def history_rollout(key: jax.Array, sim: V.VancoParams, model: HistoryPolicy, n_patients: int) -> dict[str, jax.Array]:
-    """`V.rollout` for a policy of the episode's history: the same keys for the same patients and actions,
-    the same records, with the previous steps carried beside the simulator's state."""
+    """`V.rollout` for a policy of the episode's history (its memory: the previous steps, newest first): the
+    same keys for the same patients, the same records."""
 
-    def one_patient(k):
-        k_reset, k_run = jax.random.split(k)
-        obs, state = V.reset(k_reset, sim)
-        history = jnp.zeros((model.lags, HISTORY_ROW), jnp.float32)
+    def policy(k_act, obs, state, params, history):
+        del k_act, state, params  # deterministic, and it reads only what a clinician sees
+        dose = model(obs, history)
+        return dose, jnp.zeros((), jnp.float32), jnp.concatenate([model.history_row(obs, dose)[None], history[:-1]])
 
-        def body(carry, k_step):
-            obs, state, history = carry
-            k_act, k_env = jax.random.split(k_step)
-            del k_act  # the policy is deterministic; split as V.rollout does so the patients are the same
-            dose = model(obs, history)
-            next_obs, next_state, reward, terminated, info = V.step(k_env, state, dose, sim)
-            history = jnp.concatenate([model.history_row(obs, dose)[None], history[:-1]])
-            record = {
-                "obs": obs, "dose": jnp.clip(dose, 0.0, V.DOSE_MAX_MG), "log_density": jnp.zeros((), jnp.float32),
-                "reward": reward, "next_obs": next_obs, "terminated": terminated, **info._asdict(),
-            }
-            return (next_obs, next_state, history), record
-
-        _, records = jax.lax.scan(body, (obs, state, history), jax.random.split(k_run, V.N_DECISIONS))
-        return records
-
-    return jax.vmap(one_patient)(jax.random.split(key, n_patients))
+    return V.rollout_with_memory(key, sim, policy, jnp.zeros((model.lags, HISTORY_ROW), jnp.float32), n_patients)
 
 
 def rollout_of(key: jax.Array, sim: V.VancoParams, model: ObsPolicy | HistoryPolicy, n_patients: int):
@@ -222,14 +206,9 @@ def value_of(model: ObsPolicy | HistoryPolicy, sim: V.VancoParams, key: jax.Arra
     if isinstance(model, ObsPolicy):
         return V.policy_value(key, sim, as_policy(model), n_patients, chunk)
     params, static = eqx.partition(model, eqx.is_array)
-    returns = []
-    n_chunks = -(-n_patients // chunk)
-    for i, k in enumerate(jax.random.split(key, n_chunks)):
-        size = min(chunk, n_patients - i * chunk)
-        run = jax.jit(lambda k, p, size=size: history_rollout(k, sim, eqx.combine(p, static), size)["reward"])
-        returns.append(np.asarray(run(k, params)).sum(-1))
-    returns = np.concatenate(returns).astype(np.float64)
-    return float(returns.mean()), float(returns.std(ddof=1) / np.sqrt(returns.size))
+    rewards = jax.jit(lambda k, p, size: history_rollout(k, sim, eqx.combine(p, static), size)["reward"],
+                      static_argnames="size")  # fmt: skip
+    return V.monte_carlo_value(key, lambda k, size: rewards(k, params, size), n_patients, chunk)
 
 
 def dose_vs_rule(records: dict[str, jax.Array]) -> dict[str, Any]:

@@ -411,30 +411,47 @@ def fixed_dose_policy(dose_mg: float) -> Policy:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def rollout(key: jax.Array, params: VancoParams, policy: Policy, n_patients: int) -> dict[str, jax.Array]:
-    """`n_patients` episodes of `N_DECISIONS` steps under `policy`, every array (n_patients, N_DECISIONS, ...).
+# A policy that carries a memory from one decision to the next (for example the episode's previous steps):
+# (key, obs, state, params, memory) -> (dose, log density, next memory).
+MemoryPolicy = Callable[[jax.Array, jax.Array, PatientState, VancoParams, Any], tuple[jax.Array, jax.Array, Any]]
 
-    Keys: obs, dose, log_density, reward, next_obs, terminated, auc24, aki, level_drawn, concentration."""
+
+def rollout_with_memory(
+    key: jax.Array, params: VancoParams, policy: MemoryPolicy, memory: Any, n_patients: int
+) -> dict[str, jax.Array]:
+    """`rollout` for a policy with memory; `memory` is its value at every patient's first decision. The same
+    key gives the same patients (and, for a policy that ignores its memory, the same records) as `rollout`."""
 
     def one_patient(k):
         k_reset, k_run = jax.random.split(k)
         obs, state = reset(k_reset, params)
 
         def body(carry, k_step):
-            obs, state = carry
+            obs, state, memory = carry
             k_act, k_env = jax.random.split(k_step)
-            dose, log_density = policy(k_act, obs, state, params)
+            dose, log_density, memory = policy(k_act, obs, state, params, memory)
             next_obs, next_state, reward, terminated, info = step(k_env, state, dose, params)
             record = {
                 "obs": obs, "dose": jnp.clip(dose, 0.0, DOSE_MAX_MG), "log_density": log_density,
                 "reward": reward, "next_obs": next_obs, "terminated": terminated, **info._asdict(),
             }
-            return (next_obs, next_state), record
+            return (next_obs, next_state, memory), record
 
-        _, records = jax.lax.scan(body, (obs, state), jax.random.split(k_run, N_DECISIONS))
+        _, records = jax.lax.scan(body, (obs, state, memory), jax.random.split(k_run, N_DECISIONS))
         return records
 
     return jax.vmap(one_patient)(jax.random.split(key, n_patients))
+
+
+def rollout(key: jax.Array, params: VancoParams, policy: Policy, n_patients: int) -> dict[str, jax.Array]:
+    """`n_patients` episodes of `N_DECISIONS` steps under `policy`, every array (n_patients, N_DECISIONS, ...).
+
+    Keys: obs, dose, log_density, reward, next_obs, terminated, auc24, aki, level_drawn, concentration."""
+
+    def without_memory(k, obs, state, params, memory):
+        return (*policy(k, obs, state, params), memory)
+
+    return rollout_with_memory(key, params, without_memory, (), n_patients)
 
 
 # One compiled program per (policy, patient count), shared by every caller.
@@ -447,13 +464,21 @@ def policy_value(
     """Monte Carlo value (mean undiscounted return) over `n_patients` and its standard error.
 
     Run in chunks of `chunk` patients so memory stays flat; the chunks' keys are split from `key`."""
+    return monte_carlo_value(key, lambda k, size: rollout_jit(k, params, policy, size)["reward"], n_patients, chunk)
+
+
+def monte_carlo_value(
+    key: jax.Array, rewards_of: Callable[[jax.Array, int], jax.Array], n_patients: int, chunk: int = 25_000
+) -> tuple[float, float]:
+    """`policy_value` for any rollout: `rewards_of(key, size)` gives (size, N_DECISIONS) rewards of `size`
+    patients (a policy with memory: `rollout_with_memory`), on the patients `policy_value` draws from `key`."""
     if n_patients < 2:
         raise ValueError(f"n_patients must be at least 2, got {n_patients}")
     n_chunks = -(-n_patients // chunk)
     parts = []
     for i, k in enumerate(jax.random.split(key, n_chunks)):
         size = min(chunk, n_patients - i * chunk)
-        parts.append(rollout_jit(k, params, policy, size)["reward"].sum(-1))
+        parts.append(rewards_of(k, size).sum(-1))
     returns = jnp.concatenate(parts).astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
     mean = float(returns.mean())
     stderr = float(returns.std(ddof=1) / jnp.sqrt(returns.shape[0]))
