@@ -492,8 +492,9 @@ def continuous_fqe_estimate(
         all_counts = jnp.concatenate([all_counts, jnp.asarray(counts[:n_refits], jnp.float32)])
     values, stacked, losses = _continuous_fqe_fits(fqe_data, float(gamma), keys, all_counts, config, progress)
     values = np.asarray(values, np.float64)
-    # sliced on the host: slicing on the device compiles a program per leaf shape
-    networks = [jax.tree.map(lambda x, i=i: jnp.asarray(np.asarray(x)[i]) if eqx.is_array(x) else x, stacked)
+    # sliced on the host (one copy of the stack): slicing on the device compiles a program per leaf shape
+    on_host = jax.tree.map(lambda x: np.asarray(x) if eqx.is_array(x) else x, stacked)
+    networks = [jax.tree.map(lambda x, i=i: jnp.asarray(x[i]) if isinstance(x, np.ndarray) else x, on_host)
                 for i in range(len(values))]  # fmt: skip
     value = float(values[0])
     result: dict[str, Any] = {
