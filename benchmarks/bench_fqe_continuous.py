@@ -64,6 +64,12 @@ class Args:
     history_lags: int = DEFAULT_FQE.history_lags
     """Q also sees this many previous (obs, dose) steps of each episode (7, the default: the whole history;
     0: Q on the observation only, the fit measured before the history default)."""
+    target_focus: float = DEFAULT_FQE.target_focus
+    """Extra regression weight on rows whose logged dose is near the target's dose (0: none)."""
+    focus_bandwidth: float = DEFAULT_FQE.focus_bandwidth
+    """The focus kernel's bandwidth, as a share of the dose bounds' range."""
+    dose_every_layer: bool = DEFAULT_FQE.dose_every_layer
+    """The dose enters every layer of Q (concatenated to each hidden layer's input), not only the first."""
     oracle_state: bool = False
     """Diagnostic: Q also sees the simulator's hidden state (PK parameters, drug amounts, kidney function,
     previous AUC), which makes it Markov; the targets still act on the observation. Not available on real
@@ -227,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         config = oc.ContinuousFQEConfig(hidden=args.hidden, n_iterations=args.fqe_iterations,
                                         steps_per_iteration=args.fqe_steps, dose_encoding=args.dose_encoding,
                                         history_lags=args.history_lags, batch_size=args.batch_size,
-                                        learning_rate=args.learning_rate)  # fmt: skip
+                                        learning_rate=args.learning_rate, target_focus=args.target_focus,
+                                        focus_bandwidth=args.focus_bandwidth,
+                                        dose_every_layer=args.dose_every_layer)  # fmt: skip
     except oc.OPEError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -318,11 +326,14 @@ def _fmt(x: float | None, se: float | None = None) -> str:
 
 def table(rows: list[dict], args: Args, observed_means: list[float]) -> str:
     features = oc.q_inputs(args.history_lags) + (" + hidden simulator state (diagnostic)" if args.oracle_state else "")
+    options = oc.fit_options_text(oc.ContinuousFQEConfig(target_focus=args.target_focus,
+                                                          focus_bandwidth=args.focus_bandwidth,
+                                                          dose_every_layer=args.dose_every_layer))  # fmt: skip
     lines = [
         f"Logged: {args.episodes} clinician episodes per replay, seeds {list(args.seeds)} (observed returns "
         f"{', '.join(f'{m:.3f}' for m in observed_means)}). FQE: Q on {features}, MLP {args.hidden}x2, "
         f"{args.fqe_iterations} iterations x {args.fqe_steps} steps of batch {args.batch_size} (rate "
-        f"{args.learning_rate:g}), SE = sd of {args.refits} refits on episode "
+        f"{args.learning_rate:g}{options}), SE = sd of {args.refits} refits on episode "
         f"resamples. MC: {args.mc_patients} patients (seed {args.mc_seed}). Error in SEs: (FQE - MC) / "
         "sqrt(MC SE^2 + FQE SE^2); within 2 SE when |error| <= 2 of them.",
         "",

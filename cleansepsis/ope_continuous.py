@@ -151,6 +151,11 @@ class ContinuousFQEConfig:
     dose_encoding: str = "bounds"  # or "standardised" (see Scaling); "bounds" is the one validated
     final_lr_share: float = 0.02  # cosine decay of the rate within each iteration, to this share
     history_lags: int = 7  # Q also sees this many previous (obs, dose) steps of the episode (history_features)
+    # rows whose logged dose lies near the target's dose at that state weigh 1 + target_focus * kernel in the
+    # regression (a Gaussian kernel, bandwidth focus_bandwidth x the dose bounds' range); 0: every row alike
+    target_focus: float = 0.0
+    focus_bandwidth: float = 0.05
+    dose_every_layer: bool = False  # the dose is an input of every layer of Q, not only of the first
 
     def __post_init__(self):
         for name in ("hidden", "n_iterations", "steps_per_iteration", "batch_size"):
@@ -164,6 +169,10 @@ class ContinuousFQEConfig:
             raise OPEError(f"continuous FQE learning_rate must be positive, got {self.learning_rate!r}")
         if not 0.0 <= self.final_lr_share <= 1.0:
             raise OPEError(f"continuous FQE final_lr_share must be in [0, 1], got {self.final_lr_share!r}")
+        if not (np.isfinite(self.target_focus) and self.target_focus >= 0):
+            raise OPEError(f"continuous FQE target_focus must be >= 0 (0: off), got {self.target_focus!r}")
+        if not (np.isfinite(self.focus_bandwidth) and self.focus_bandwidth > 0):
+            raise OPEError(f"continuous FQE focus_bandwidth must be positive, got {self.focus_bandwidth!r}")
         if self.dose_encoding not in DOSE_ENCODINGS:
             raise OPEError(f"dose_encoding must be one of {DOSE_ENCODINGS}; got {self.dose_encoding!r}")
 
@@ -187,6 +196,7 @@ class ContinuousFQEData(eqx.Module):
     episode: jnp.ndarray  # (N,) int32 in 0..E-1, for per-episode bootstrap counts
     first_rows: jnp.ndarray  # (E,) int32, the t = 0 transition of each episode
     first_doses: jnp.ndarray  # (E, K, F) target doses at s_0, encoded
+    focus: jnp.ndarray  # (N,) each row's regression weight (ContinuousFQEConfig.target_focus; else 1)
 
 
 @dataclass(frozen=True)
@@ -291,20 +301,28 @@ def history_features(
 
 class DoseQNetwork(eqx.Module):
     layers: list
+    dose_every_layer: bool = eqx.field(static=True)  # the dose enters every layer, not only the first
 
-    def __init__(self, obs_dim: int, n_dose_features: int, hidden: int, key: jax.Array):
+    def __init__(self, obs_dim: int, n_dose_features: int, hidden: int, key: jax.Array,
+                 dose_every_layer: bool = False):  # fmt: skip
         k1, k2, k3 = jax.random.split(key, 3)
+        extra = n_dose_features if dose_every_layer else 0
         self.layers = [
             eqx.nn.Linear(obs_dim + n_dose_features, hidden, key=k1),
-            eqx.nn.Linear(hidden, hidden, key=k2),
-            eqx.nn.Linear(hidden, "scalar", key=k3),
+            eqx.nn.Linear(hidden + extra, hidden, key=k2),
+            eqx.nn.Linear(hidden + extra, "scalar", key=k3),
         ]
+        self.dose_every_layer = dose_every_layer
 
     def __call__(self, obs: jnp.ndarray, dose: jnp.ndarray) -> jnp.ndarray:  # (d,), (F,) -> ()
         x = jnp.concatenate([obs, dose])
-        for layer in self.layers[:-1]:
-            x = jax.nn.relu(layer(x))
-        return self.layers[-1](x)
+        for i, layer in enumerate(self.layers):
+            if i and self.dose_every_layer:
+                x = jnp.concatenate([x, dose])
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = jax.nn.relu(x)
+        return x
 
 
 def _q_many(network: DoseQNetwork, obs: jnp.ndarray, doses: jnp.ndarray) -> jnp.ndarray:
@@ -325,7 +343,7 @@ def bellman_targets(frozen: DoseQNetwork, data: ContinuousFQEData, gamma: float)
 def _init_network(data: ContinuousFQEData, key: jax.Array, config: ContinuousFQEConfig) -> tuple[DoseQNetwork, jax.Array]:
     """A fit's initial Q network and its (n_iterations,) keys, one per FQE iteration."""
     init_key, train_key = jax.random.split(key)
-    network = DoseQNetwork(data.obs.shape[1], data.dose.shape[1], config.hidden, init_key)
+    network = DoseQNetwork(data.obs.shape[1], data.dose.shape[1], config.hidden, init_key, config.dose_every_layer)
     return network, jax.random.split(train_key, config.n_iterations)
 
 
@@ -342,7 +360,7 @@ def _fqe_iteration(
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps_per_iteration, config.final_lr_share)
     optimiser = optax.adam(schedule)
     n = data.obs.shape[0]
-    row_weight = counts[data.episode]  # (N,)
+    row_weight = counts[data.episode] * data.focus  # (N,)
     targets = bellman_targets(network, data, gamma)  # (N,) from the frozen Q_k
 
     def loss_fn(p, idx, target):
@@ -447,6 +465,7 @@ def make_continuous_fqe_data(
     next_doses: np.ndarray,
     first_doses: np.ndarray,
     scaling: Scaling,
+    focus: np.ndarray | None = None,
 ) -> ContinuousFQEData:
     n = len(reward)
     episode_of_row = np.zeros(n, np.int32)
@@ -461,7 +480,16 @@ def make_continuous_fqe_data(
         episode=jnp.asarray(episode_of_row),
         first_rows=jnp.asarray(layout.first_rows, jnp.int32),
         first_doses=jnp.asarray(scaling.dose(first_doses)),
+        focus=jnp.asarray(np.ones(n, np.float32) if focus is None else focus, jnp.float32),
     )
+
+
+def fit_options_text(config: ContinuousFQEConfig) -> str:
+    """The diagnostic options of the fit, when on (so that an estimate says which fit made it)."""
+    on = [f"rows focused on the target's doses x{config.target_focus:g} (bandwidth {config.focus_bandwidth:g} "
+          f"of the bounds)"] if config.target_focus > 0 else []  # fmt: skip
+    on += ["the dose in every layer"] if config.dose_every_layer else []
+    return "".join(f"; {text}" for text in on)
 
 
 def _history_text(lags: int) -> str:
@@ -501,7 +529,7 @@ def continuous_fqe_estimate(
         "estimate": value,
         "refit_estimates": values[1:].tolist(),
         "features": f"MLP on (standardised obs{_history_text(config.history_lags)}, dose encoded "
-        f"{config.dose_encoding!r}) ({config.hidden}x2, relu)",
+        f"{config.dose_encoding!r}) ({config.hidden}x2, relu){fit_options_text(config)}",
         "q_inputs": q_inputs(config.history_lags),
         "history_lags": config.history_lags,
         "hidden": config.hidden,
@@ -614,8 +642,14 @@ def prepare_continuous_fqe(
     first_doses = target_doses(target, obs[layout.first_rows], k_first, n_action_samples, acting)
     q_obs, q_next_obs = history_features(obs, action, next_obs, layout, config.history_lags)
     scaling = make_scaling(q_obs, q_next_obs, action, low, high, config.dose_encoding)
+    focus = None
+    if config.target_focus > 0:
+        own = target_doses(target, obs, k_state, n_action_samples, acting)  # (N, K) the target at each logged state
+        z = (action[:, None] - own) / (config.focus_bandwidth * (high - low))
+        focus = 1.0 + config.target_focus * np.exp(-0.5 * z**2).mean(1)
     fqe_data = make_continuous_fqe_data(q_obs, action, np.asarray(data.reward, np.float32), q_next_obs,
-                                        np.asarray(data.terminated), layout, next_doses, first_doses, scaling)  # fmt: skip
+                                        np.asarray(data.terminated), layout, next_doses, first_doses, scaling,
+                                        focus)  # fmt: skip
     return ContinuousFQEInputs(fqe_data, scaling, layout, counts, q_obs, q_next_obs, next_doses, first_doses,
                                k_fqe, k_state)  # fmt: skip
 

@@ -253,11 +253,13 @@ def test_the_default_fit_is_the_validated_history_fit_and_a_bad_setting_is_one_c
     default = oc.ContinuousFQEConfig()
     assert (default.history_lags, default.hidden, default.n_iterations, default.steps_per_iteration,
             default.batch_size, default.learning_rate, default.dose_encoding) == (7, 256, 12, 2_000, 512, 1e-3, "bounds")
+    assert (default.target_focus, default.dose_every_layer) == (0.0, False)  # the diagnostics are off
     for fn in (oc.continuous_off_policy_evaluation, oc.continuous_fqe_estimate):
         parameters = inspect.signature(fn).parameters
         assert parameters["config"].default == default and parameters["n_refits"].default == 5
     for bad in ({"history_lags": -1}, {"history_lags": 1.5}, {"hidden": 0}, {"n_iterations": 0},
-                {"steps_per_iteration": 0}, {"batch_size": -2}, {"learning_rate": 0.0}, {"dose_encoding": "log"}):
+                {"steps_per_iteration": 0}, {"batch_size": -2}, {"learning_rate": 0.0}, {"dose_encoding": "log"},
+                {"target_focus": -1.0}, {"focus_bandwidth": 0.0}):
         name, value = next(iter(bad.items()))
         with pytest.raises(OPEError, match=f"{name} must .*{value!r}"):
             oc.ContinuousFQEConfig(**bad)
@@ -343,3 +345,42 @@ def test_the_estimate_and_its_refits_are_the_single_fits_with_the_same_keys():
     single, _ = oc.continuous_fqe_estimate(fqe_data, 1.0, key, counts, tiny, n_refits=1)
     assert single["estimate"] == pytest.approx(float(alone), abs=1e-5) and np.isnan(single["boot_std"])
     assert single["refit_estimates"] == pytest.approx([float(refits[0][0])], abs=1e-5)  # one refit: no interval
+
+
+def test_target_focus_weighs_rows_by_the_targets_dose_at_their_own_state_and_the_fit_follows_the_weights():
+    data = logged_data(100, seed=4)  # the seed test's shapes and fit: no compile of its own
+    focused = dataclasses.replace(TINY_HISTORY, target_focus=3.0, focus_bandwidth=0.05)
+    target = scaled_target(1.0, 1.0)  # a = 10 obs[0]: at step 1 that is 10 y, the row's own state, not the next
+    fqe = oc.prepare_continuous_fqe(data, target, low=0.0, high=HIGH_DOSE, key=jax.random.key(0), config=focused)
+    own_dose = HIGH_DOSE * np.asarray(data.obs)[:, 0]
+    expected = 1.0 + 3.0 * np.exp(-0.5 * ((np.asarray(data.action) - own_dose) / (0.05 * HIGH_DOSE)) ** 2)
+    np.testing.assert_allclose(np.asarray(fqe.fqe_data.focus), expected, rtol=1e-5)
+    assert expected.min() < 1.01 and expected.max() > 3.9  # both near and far rows are among them
+    plain = oc.prepare_continuous_fqe(data, target, low=0.0, high=HIGH_DOSE, key=jax.random.key(0), config=TINY_HISTORY)
+    np.testing.assert_array_equal(np.asarray(plain.fqe_data.focus), 1.0)
+
+    # a row of weight 0 does not move the fit: rewriting those rows' rewards leaves every network weight as it was
+    muted = np.arange(data.size) % 3 == 0
+    weights = jnp.asarray(np.where(muted, 0.0, expected), jnp.float32)
+    base = eqx.tree_at(lambda d: d.focus, fqe.fqe_data, weights)
+    noisy = eqx.tree_at(lambda d: d.reward, base, jnp.where(jnp.asarray(muted), 1e3, base.reward))
+    noisier = eqx.tree_at(lambda d: d.reward, base, jnp.where(jnp.asarray(~muted), 1e3, base.reward))
+
+    def fitted_weights(fqe_data):
+        network = oc.continuous_fqe_estimate(fqe_data, 1.0, fqe.fqe_key, jnp.asarray(fqe.counts), focused, 0)[1][0]
+        return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(network, eqx.is_array))]
+
+    base_fit, noisy_fit, noisier_fit = (fitted_weights(d) for d in (base, noisy, noisier))
+    for a, b in zip(base_fit, noisy_fit, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(base_fit[0], noisier_fit[0])  # and the weighted rows do move it
+
+
+def test_dose_every_layer_feeds_the_dose_past_the_first_layer():
+    obs, doses = jnp.ones(2), jnp.linspace(-1.0, 1.0, 5)[:, None]
+    for every_layer in (False, True):
+        network = oc.DoseQNetwork(2, 1, 8, jax.random.key(3), dose_every_layer=every_layer)
+        # the first layer no longer reads the dose: only later layers can
+        network = eqx.tree_at(lambda n: n.layers[0].weight, network, network.layers[0].weight.at[:, 2:].set(0.0))
+        q = np.asarray(jax.vmap(lambda d, n=network: n(obs, d))(doses))
+        assert (np.ptp(q) > 1e-3) == every_layer
