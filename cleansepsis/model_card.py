@@ -301,8 +301,8 @@ def _fqe_limitation(evaluation: dict[str, Any] | None) -> str:
     fqe = {"history_lags": 7} if evaluation is None else evaluation["ope"]["estimators"].get("fqe", {})
     if fqe.get("history_lags", 0) > 0:  # an evaluation.json without the key predates history FQE
         return ("- FQE fits Q on the observation and the episode's history (the default). On the simulator that fit "
-                "was within 2 SE of the true value for the clinicians on 3 of 3 replays, BC on 5 of 7 and IQL on 5 "
-                "of 7; it leans low on policies far from the logged one (mean error -0.9 SE for BC, -1.5 SE for "
+                "was within 2 SE of the true value for the clinicians on 3 of 3 replays, BC on 5 of 7 and IQL on 6 "
+                "of 8; it leans low on policies far from the logged one (mean error -0.9 SE for BC, -1.5 SE for "
                 "IQL; docs/evaluation.md).")  # fmt: skip
     return ("- FQE on the observation alone: where that is not a Markov state (the simulator's is not) it is biased "
             "for every policy but the logged one: on the simulator it underestimated BC by about 0.2 and IQL by "
