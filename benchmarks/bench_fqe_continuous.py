@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fqe['estimate']:.4f} +- {fqe['boot_std']:.4f} (error {row['fqe_error']:+.4f} = "
                   f"{row['error_in_se']:+.1f} SE), WIS {row['is']['wis']:.4f}, WDR {row['is']['wdr']:.4f}, "
                   f"OPE {row['seconds_ope']:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
-    print(table(rows, args, observed_means))
+    print(table(rows, args, observed_means, config))
     print(f"\ntotal {time.time() - started:.0f} s")
     if args.out is not None:
         from cleansepsis.io import write_json
@@ -324,11 +324,9 @@ def _fmt(x: float | None, se: float | None = None) -> str:
     return f"{x:.3f}" if se is None or not np.isfinite(se) else f"{x:.3f} +- {se:.3f}"
 
 
-def table(rows: list[dict], args: Args, observed_means: list[float]) -> str:
+def table(rows: list[dict], args: Args, observed_means: list[float], config: oc.ContinuousFQEConfig) -> str:
     features = oc.q_inputs(args.history_lags) + (" + hidden simulator state (diagnostic)" if args.oracle_state else "")
-    options = oc.fit_options_text(oc.ContinuousFQEConfig(target_focus=args.target_focus,
-                                                          focus_bandwidth=args.focus_bandwidth,
-                                                          dose_every_layer=args.dose_every_layer))  # fmt: skip
+    options = oc.fit_options_text(config)
     lines = [
         f"Logged: {args.episodes} clinician episodes per replay, seeds {list(args.seeds)} (observed returns "
         f"{', '.join(f'{m:.3f}' for m in observed_means)}). FQE: Q on {features}, MLP {args.hidden}x2, "

@@ -607,6 +607,7 @@ class ContinuousFQEInputs(NamedTuple):
     first_doses: np.ndarray  # (E, K) the target's doses at each episode's first state
     fqe_key: jax.Array  # the estimate's fit (its refits fold it)
     state_key: jax.Array  # the target's doses at the logged states (IS's model terms)
+    state_doses: np.ndarray | None = None  # (N, K) those doses, when the fit already drew them (target_focus > 0)
 
 
 def prepare_continuous_fqe(
@@ -642,16 +643,16 @@ def prepare_continuous_fqe(
     first_doses = target_doses(target, obs[layout.first_rows], k_first, n_action_samples, acting)
     q_obs, q_next_obs = history_features(obs, action, next_obs, layout, config.history_lags)
     scaling = make_scaling(q_obs, q_next_obs, action, low, high, config.dose_encoding)
-    focus = None
+    focus = state_doses = None
     if config.target_focus > 0:
-        own = target_doses(target, obs, k_state, n_action_samples, acting)  # (N, K) the target at each logged state
-        z = (action[:, None] - own) / (config.focus_bandwidth * (high - low))
+        state_doses = target_doses(target, obs, k_state, n_action_samples, acting)  # (N, K) at each logged state
+        z = (action[:, None] - state_doses) / (config.focus_bandwidth * (high - low))
         focus = 1.0 + config.target_focus * np.exp(-0.5 * z**2).mean(1)
     fqe_data = make_continuous_fqe_data(q_obs, action, np.asarray(data.reward, np.float32), q_next_obs,
                                         np.asarray(data.terminated), layout, next_doses, first_doses, scaling,
                                         focus)  # fmt: skip
     return ContinuousFQEInputs(fqe_data, scaling, layout, counts, q_obs, q_next_obs, next_doses, first_doses,
-                               k_fqe, k_state)  # fmt: skip
+                               k_fqe, k_state, state_doses)  # fmt: skip
 
 
 def continuous_off_policy_evaluation(
@@ -690,7 +691,9 @@ def continuous_off_policy_evaluation(
 
     undefined = is_undefined_reason(target, acting, behavior_log_density)
     if undefined is None:
-        state_doses = target_doses(target, obs, fqe.state_key, n_action_samples, acting)
+        state_doses = fqe.state_doses
+        if state_doses is None:
+            state_doses = target_doses(target, obs, fqe.state_key, n_action_samples, acting)
         log_target = _batched_pairs(target.log_density, obs, action)
         log_rho = np.asarray(log_target, np.float64) - np.asarray(behavior_log_density, np.float64)
         rho = np.exp(np.minimum(log_rho, 60.0))  # a ratio above e^60 is as dominant as infinity, and finite
